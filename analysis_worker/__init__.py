@@ -1,0 +1,1 @@
+"""Analysis worker: exposures and metric events from the lake to experiment results."""

@@ -1,0 +1,1 @@
+"""Assignment server: Confidence-compatible flag resolution, exposures and metric events."""

@@ -1,0 +1,1 @@
+"""Model server: ONNX-exported XGBoost models and contextual-bandit policies over gRPC."""
