@@ -1,0 +1,317 @@
+"""The asyncio client: the same core as the blocking client, with `grpc.aio` for the waits.
+
+Channels and background tasks (exposure/event delivery, the state stream) start on first
+use inside the caller's event loop, so the client may be built at import time. Call
+`await client.close()` (or use `async with`) to flush; at interpreter exit, whatever is
+still queued is delivered with a blocking channel, since no event loop runs by then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import inspect
+import logging
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from client_sdk import systems
+from client_sdk.channels import ChannelPool, aio_pool
+from client_sdk.core import ClientCore, ClientStats, flag_name
+from client_sdk.errors import TwofoldError
+from client_sdk.local import Backoff, LocalState, watch_request
+from client_sdk.options import ClientOptions
+from client_sdk.results import Decision, ErrorCode, FlagResult, Reason
+from client_sdk.sync_client import deliver_blocking, make_options
+from protos.twofold.assignment.v1 import assignment_pb2 as apb
+from protos.twofold.assignment.v1 import assignment_pb2_grpc
+from protos.twofold.model.v1 import model_pb2, model_pb2_grpc
+
+log = logging.getLogger("twofold.sdk")
+
+
+class AsyncClient:
+    """A Twofold client for asyncio code; same API as `Client`, with coroutines."""
+
+    def __init__(self, assignment: str | None = None, model: str | None = None, client_secret: str = "",
+                 *, options: ClientOptions | None = None, **overrides: Any) -> None:
+        self.options = make_options(options, overrides)
+        if self.options.local_evaluation and not assignment:
+            raise ValueError("local evaluation needs the assignment server's address (for its state stream)")
+        self._core = ClientCore(client_secret, self.options)
+        self._assignment_target = assignment
+        self._model_target = model
+        self._started = False
+        self._closed = False
+        self._assignment_pool: ChannelPool | None = None
+        self._model_pool: ChannelPool | None = None
+        self._resolvers: list[assignment_pb2_grpc.FlagResolverServiceStub] = []
+        self._models: list[model_pb2_grpc.ModelServiceStub] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wake: asyncio.Event | None = None
+        self._state_loaded: asyncio.Event | None = None
+        self._flush_lock: asyncio.Lock | None = None
+        self._local = LocalState(client_secret) if self.options.local_evaluation else None
+        if self.options.flush_at_exit:
+            ref = weakref.ref(self)
+            self._atexit = lambda: (c := ref()) is not None and c._flush_at_exit()
+            atexit.register(self._atexit)
+
+    # ---- public API ----------------------------------------------------------------------
+
+    @property
+    def stats(self) -> ClientStats:
+        return self._core.stats
+
+    @property
+    def state_generation(self) -> int:
+        return self._local.generation if self._local else 0
+
+    def register_system(self, name: str, fn: systems.SystemFn) -> None:
+        """Serve arms naming `name` with `fn(SystemCall)`; `fn` may be a coroutine function."""
+        self._core.systems.register(name, fn)
+
+    async def wait_for_state(self, within: float | None = None) -> bool:
+        """Local evaluation: wait up to `within` seconds for the first snapshot; True when it arrived."""
+        self._start()
+        if self._local is None:
+            return True
+        assert self._state_loaded is not None
+        try:
+            await asyncio.wait_for(self._state_loaded.wait(),
+                                   self.options.deadlines.local_state if within is None else within)
+        except TimeoutError:
+            pass
+        return self._local.ready
+
+    async def resolve(self, flag: str, unit: str, context: Mapping[str, Any] | None = None, *,
+                      default: Any = None) -> FlagResult:
+        results = await self.resolve_many([flag], unit, context, defaults={flag_name(flag): default})
+        return results[flag_name(flag)]
+
+    async def resolve_many(self, flags: Sequence[str], unit: str, context: Mapping[str, Any] | None = None, *,
+                           defaults: Mapping[str, Any] | None = None) -> dict[str, FlagResult]:
+        defaults = {flag_name(k): v for k, v in (defaults or {}).items()}
+        if self._closed:
+            return self._unusable("the client is closed", unit, flags, defaults)
+        self._start()
+        if self._local is not None:
+            return self._resolve_local(flags, unit, context, defaults)
+        if not self._resolvers:
+            return self._unusable("no assignment server configured", unit, flags, defaults)
+        try:
+            request = self._core.resolve_request(flags, unit, context)
+            stub = self._resolvers[self._assignment_pool.pick()]  # type: ignore[union-attr]
+            response = await stub.ResolveFlags(request, timeout=self.options.deadlines.resolve)
+        except (grpc.RpcError, TypeError, ValueError) as exc:
+            return self._core.resolve_failed(exc, unit, flags, defaults)
+        return self._core.resolved(response, unit, flags, defaults)
+
+    def apply(self, result: FlagResult) -> None:
+        """Log the exposure of `result` now that its value is used (batched, deduplicated)."""
+        self._core.use(result)
+        if self._wake is not None and self._core.should_flush_early():
+            self._wake.set()
+
+    async def decide(self, flag: str, unit: str, context: Mapping[str, Any] | None = None, *,
+                     features: Any = None, candidates: Any = None, default: Any = None) -> Decision:
+        """See `Client.decide`."""
+        try:
+            result = await self.resolve(flag, unit, context, default=default)
+            p = systems.plan(result, self._core.systems, context or {}, features, candidates, default)
+            decision = p.decision if p.decision is not None else await self._serve(p)
+            if decision.reason is Reason.FALLBACK:
+                self._core.stats.fallbacks_served += 1
+                if self.options.strict:
+                    raise TwofoldError(decision.error_code or ErrorCode.SYSTEM_FAILED,
+                                       decision.error_message or "system failed")
+            self.apply(result)
+            return decision
+        except Exception as exc:
+            if self.options.strict:
+                raise
+            log.exception("decide(%s) failed unexpectedly; serving the default", flag)
+            return Decision(flag=flag_name(flag), unit=unit, value=default, system=None, reason=Reason.ERROR,
+                            error_code=ErrorCode.GENERAL, error_message=f"{type(exc).__name__}: {exc}")
+
+    def track(self, event: str, unit: str, value: float | None = None, *,
+              properties: Mapping[str, Any] | None = None, time_ns: int | None = None) -> str:
+        """Queue a metric event (no await needed); returns its client-made id."""
+        event_id = self._core.track(event, unit, value, properties, time_ns)
+        if self._wake is not None and self._core.should_flush_early():
+            self._wake.set()
+        return event_id
+
+    async def list_models(self) -> list[model_pb2.ModelInfo]:
+        self._start()
+        if not self._models:
+            raise TwofoldError(ErrorCode.GENERAL, "no model server configured")
+        stub = self._models[self._model_pool.pick()]  # type: ignore[union-attr]
+        response = await stub.ListModels(model_pb2.ListModelsRequest(), timeout=self.options.deadlines.model)
+        return list(response.models)
+
+    async def flush(self) -> bool:
+        """Send every queued exposure and event now; True when nothing is left unsent."""
+        self._start()
+        assert self._flush_lock is not None
+        async with self._flush_lock:
+            await self._send_pending()
+        return self._core.pending() == 0
+
+    async def close(self) -> None:
+        """Flush, stop the background tasks, close the channels. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            if self._started:
+                assert self._flush_lock is not None
+                async with self._flush_lock:
+                    await self._send_pending()
+        finally:
+            for pool in (self._assignment_pool, self._model_pool):
+                if pool is not None:
+                    for channel in pool.channels:
+                        await channel.close()
+            if self.options.flush_at_exit:
+                atexit.unregister(self._atexit)
+        if self._core.pending():
+            log.warning("twofold client closed with %d exposures/events unsent (server unreachable)",
+                        self._core.pending())
+
+    async def __aenter__(self) -> AsyncClient:
+        self._start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _start(self) -> None:
+        """Create channels and background tasks in the running loop (first use only)."""
+        if self._started:
+            return
+        self._started = True
+        if self._assignment_target:
+            self._assignment_pool = aio_pool(self._assignment_target, self.options)
+            self._resolvers = [assignment_pb2_grpc.FlagResolverServiceStub(c) for c in self._assignment_pool.channels]
+        if self._model_target:
+            self._model_pool = aio_pool(self._model_target, self.options)
+            self._models = [model_pb2_grpc.ModelServiceStub(c) for c in self._model_pool.channels]
+        self._wake = asyncio.Event()
+        self._state_loaded = asyncio.Event()
+        self._flush_lock = asyncio.Lock()
+        self._tasks.append(asyncio.create_task(self._flush_loop(), name="twofold-sdk-flush"))
+        if self._local is not None:
+            self._tasks.append(asyncio.create_task(self._watch_loop(), name="twofold-sdk-state"))
+
+    def _unusable(self, message: str, unit: str, flags: Sequence[str],
+                  defaults: Mapping[str, Any]) -> dict[str, FlagResult]:
+        if self.options.strict:
+            raise TwofoldError(ErrorCode.GENERAL, message)
+        return {flag_name(f): self._core.error_result(flag_name(f), unit, defaults.get(flag_name(f)),
+                                                      ErrorCode.GENERAL, message) for f in flags}
+
+    def _resolve_local(self, flags: Sequence[str], unit: str, context: Mapping[str, Any] | None,
+                       defaults: Mapping[str, Any]) -> dict[str, FlagResult]:
+        assert self._local is not None
+        names = [flag_name(f) for f in flags]
+        try:
+            resolved = self._local.resolve(names, self._core.evaluation_context(unit, context))
+        except Exception as exc:
+            if self.options.strict:
+                raise TwofoldError(ErrorCode.GENERAL, f"local resolve failed: {exc}") from exc
+            return {n: self._core.error_result(n, unit, defaults.get(n), ErrorCode.GENERAL,
+                                               f"local resolve failed: {type(exc).__name__}: {exc}") for n in names}
+        if resolved is None:
+            if self.options.strict:
+                raise TwofoldError(ErrorCode.PROVIDER_NOT_READY, "no state received from the assignment server yet")
+            return {n: self._core.error_result(n, unit, defaults.get(n), ErrorCode.PROVIDER_NOT_READY,
+                                               "no state received from the assignment server yet", outage=True)
+                    for n in names}
+        return self._core.local_results(resolved, unit, names, defaults, self._core.new_resolve_id())
+
+    async def _serve(self, p: systems.Plan) -> Decision:
+        if p.custom is not None:
+            try:
+                answer = p.custom(p.call)  # type: ignore[arg-type]
+                if inspect.isawaitable(answer):
+                    answer = await asyncio.wait_for(answer, self.options.deadlines.model)
+                return systems.finish_custom(p, answer)
+            except Exception as exc:
+                return systems.failed_call(p, exc)
+        if not self._models:
+            return systems.failed(p, ErrorCode.SYSTEM_FAILED, "no model server configured")
+        stub = self._models[self._model_pool.pick()]  # type: ignore[union-attr]
+        try:
+            response = await getattr(stub, p.method)(p.request, timeout=self.options.deadlines.model)  # type: ignore[arg-type]
+        except grpc.RpcError as exc:
+            return systems.failed_call(p, exc)
+        return systems.finish_model(p, response)
+
+    async def _watch_loop(self) -> None:
+        assert self._local is not None
+        backoff = Backoff()
+        while True:
+            stub = self._resolvers[self._assignment_pool.pick()]  # type: ignore[union-attr]
+            try:
+                async for snapshot in stub.WatchState(watch_request(self._local)):
+                    if self._local.load(snapshot):
+                        backoff.reset()
+                        self._state_loaded.set()  # type: ignore[union-attr]
+                    else:
+                        log.error("refused a state snapshot: %s", self._local.last_error)
+            except grpc.RpcError as exc:
+                log.debug("state stream interrupted: %s", exc)
+            await asyncio.sleep(backoff.next())
+
+    async def _flush_loop(self) -> None:
+        assert self._wake is not None and self._flush_lock is not None
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.options.flush_interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                async with self._flush_lock:
+                    await self._send_pending()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background flush failed")
+
+    async def _send_pending(self) -> None:
+        """Send queued exposures and events concurrently; requeue what failed for a transient reason."""
+        if not self._resolvers:
+            return
+        core = self._core
+        requests = core.drain_all()
+        calls = []
+        for request in requests:
+            stub = self._resolvers[self._assignment_pool.pick()]  # type: ignore[union-attr]
+            if isinstance(request, apb.ApplyFlagsRequest):
+                calls.append(stub.ApplyFlags(request, timeout=self.options.deadlines.apply))
+            else:
+                calls.append(stub.TrackEvents(request, timeout=self.options.deadlines.track))
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        for request, outcome in zip(requests, outcomes, strict=True):
+            if isinstance(outcome, grpc.RpcError):
+                core.delivery_failed(outcome, request)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                core.delivered(request)
+
+    def _flush_at_exit(self) -> None:
+        """Interpreter exit without `close()`: deliver what is queued over a blocking channel."""
+        if self._closed or not self._assignment_target or not self._core.pending():
+            return
+        deliver_blocking(self._assignment_target, self._core)
