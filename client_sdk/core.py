@@ -23,6 +23,7 @@ import grpc
 
 from client_sdk.convert import now_timestamp, python_to_struct, struct_to_python, timestamp_from_ns
 from client_sdk.errors import TwofoldError
+from client_sdk.local import LocalState
 from client_sdk.options import ClientOptions
 from client_sdk.results import ErrorCode, FlagResult, Reason
 from client_sdk.systems import SystemRegistry
@@ -352,14 +353,14 @@ class ClientCore:
 
     def local_results(self, resolved: Iterable[Mapping[str, Any]], unit: str, flags: Sequence[str],
                       defaults: Mapping[str, Any], resolve_id: str) -> dict[str, FlagResult]:
-        """Results from the in-process resolver (dicts with the ResolvedFlag field names)."""
+        """Results from the in-process resolver (dicts with the ResolvedFlag field names, reason as
+        the protobuf enum number)."""
         self.stats.resolves += 1
         out: dict[str, FlagResult] = {}
         for rf in resolved:
             name = flag_name(str(rf["flag"]))
             out[name] = self._result(name, unit, str(rf.get("variant") or ""), rf.get("value"),
-                                     _REASONS.get(rf.get("reason"), Reason.ERROR)
-                                     if isinstance(rf.get("reason"), int) else Reason(str(rf.get("reason"))),
+                                     _REASONS.get(rf["reason"], Reason.ERROR),
                                      str(rf.get("rule") or ""), str(rf.get("segment") or ""),
                                      str(rf.get("assignment_id") or ""), resolve_id,
                                      bool(rf.get("should_apply")), b"", defaults.get(name), local=True)
@@ -370,9 +371,26 @@ class ClientCore:
                                               f"flag {name!r} is not in the state this client may see")
         return out
 
-    @staticmethod
-    def new_resolve_id() -> str:
-        return uuid.uuid4().hex
+    def resolve_locally(self, local: LocalState, flags: Sequence[str], unit: str,
+                        context: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> dict[str, FlagResult]:
+        """Resolve in process from the streamed state; never raises unless strict."""
+        names = [flag_name(f) for f in flags]
+        try:
+            resolved = local.resolve(names, self.evaluation_context(unit, context))
+        except Exception as exc:
+            unknown_client = type(exc).__name__ == "UnknownClientError"
+            code = ErrorCode.UNAUTHENTICATED if unknown_client else ErrorCode.GENERAL
+            message = f"local resolve failed: {type(exc).__name__}: {exc}"
+            if self.options.strict:
+                raise TwofoldError(code, message) from exc
+            return {n: self.error_result(n, unit, defaults.get(n), code, message) for n in names}
+        if resolved is None:
+            message = "no state received from the assignment server yet"
+            if self.options.strict:
+                raise TwofoldError(ErrorCode.PROVIDER_NOT_READY, message)
+            return {n: self.error_result(n, unit, defaults.get(n), ErrorCode.PROVIDER_NOT_READY, message, outage=True)
+                    for n in names}
+        return self.local_results(resolved, unit, names, defaults, uuid.uuid4().hex)
 
     # ---- exposure and events ---------------------------------------------------------------
 

@@ -41,7 +41,6 @@ class LocalState:
         self._ready = threading.Event()
         self.load_failures = 0
         self.last_error: str | None = None
-        self._resolver: Any = None
 
     @property
     def generation(self) -> int:
@@ -54,18 +53,15 @@ class LocalState:
     def wait_ready(self, timeout: float) -> bool:
         return self._ready.wait(timeout)
 
-    def resolver(self) -> Any:
-        """The assignment server's pure resolver module, imported on first use."""
-        if self._resolver is None:
-            from assignment_server import resolver
-
-            self._resolver = resolver
-        return self._resolver
-
     def load(self, snapshot: apb.StateSnapshot) -> bool:
         """Compile and swap in `snapshot`; a state that fails to load leaves the previous one serving."""
+        # Imported here: only local evaluation needs the resolver (and its mmh3 dependency).
+        from assignment_server.resolver import STATE_MEDIA_TYPE, Resolver, ResolverState
+
         try:
-            compiled = self.resolver().load_state(snapshot.state, snapshot.format)
+            if snapshot.format and snapshot.format != STATE_MEDIA_TYPE:
+                raise ValueError(f"unsupported state format {snapshot.format!r} (this SDK reads {STATE_MEDIA_TYPE})")
+            compiled = Resolver(ResolverState.from_json(snapshot.state))
         except Exception as exc:  # a bad snapshot must never take local evaluation down
             self.load_failures += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
@@ -75,12 +71,26 @@ class LocalState:
         return True
 
     def resolve(self, flags: Sequence[str], context: Mapping[str, Any]) -> list[dict[str, Any]] | None:
-        """Resolved flags as dicts (ResolvedFlag field names), or None before the first state."""
+        """Resolved flags as dicts (ResolvedFlag field names), or None before the first state.
+
+        Raises the resolver's UnknownClientError for a secret the state does not know.
+        """
         current = self._current
         if current is None:
             return None
-        return self.resolver().resolve_local(current.compiled, [f"flags/{f}" for f in flags], dict(context),
-                                             self.client_secret)
+        resolved = current.compiled.resolve([f"flags/{f}" for f in flags], dict(context), self.client_secret)
+        return [{"flag": rf.flag, "variant": rf.variant, "value": _copy(rf.value),
+                 "reason": apb.ResolveReason.Value(str(rf.reason)), "rule": rf.rule, "segment": rf.segment,
+                 "assignment_id": rf.assignment_id, "should_apply": rf.should_apply} for rf in resolved]
+
+
+def _copy(value: Any) -> Any:
+    """A private copy of a JSON value: the resolver shares its values with the state."""
+    if isinstance(value, Mapping):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_copy(v) for v in value]
+    return value
 
 
 class Backoff:

@@ -241,21 +241,7 @@ class Client:
     def _resolve_local(self, flags: Sequence[str], unit: str, context: Mapping[str, Any] | None,
                        defaults: Mapping[str, Any]) -> dict[str, FlagResult]:
         assert self._local is not None
-        names = [flag_name(f) for f in flags]
-        try:
-            resolved = self._local.resolve(names, self._core.evaluation_context(unit, context))
-        except Exception as exc:
-            if self.options.strict:
-                raise TwofoldError(ErrorCode.GENERAL, f"local resolve failed: {exc}") from exc
-            return {n: self._core.error_result(n, unit, defaults.get(n), ErrorCode.GENERAL,
-                                               f"local resolve failed: {type(exc).__name__}: {exc}") for n in names}
-        if resolved is None:
-            if self.options.strict:
-                raise TwofoldError(ErrorCode.PROVIDER_NOT_READY, "no state received from the assignment server yet")
-            return {n: self._core.error_result(n, unit, defaults.get(n), ErrorCode.PROVIDER_NOT_READY,
-                                               "no state received from the assignment server yet", outage=True)
-                    for n in names}
-        return self._core.local_results(resolved, unit, names, defaults, self._core.new_resolve_id())
+        return self._core.resolve_locally(self._local, flags, unit, context, defaults)
 
     def _watch_loop(self) -> None:
         """Follow WatchState until closed, reconnecting with backoff; each snapshot is swapped in."""

@@ -1,0 +1,154 @@
+"""Twofold servers as child processes: start on free ports, find them, stop them, always.
+
+Each server starts with `--port 0 --metrics-port 0 --ready-file F` and publishes its bound
+ports in F once it serves (twofold.server.write_ready_file), so nothing races for a port.
+`ServerGroup` remembers the PIDs it started and stops exactly those, first with SIGTERM (the
+servers drain in-flight calls and flush their write-ahead logs into Parquet), then SIGKILL if a
+server does not exit in time. The demo and the end-to-end tests share this code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class ServerStartError(RuntimeError):
+    """A server exited or did not report ready in time; the message holds the end of its log."""
+
+
+@dataclass
+class ServerProcess:
+    """One started server: its process, bound ports and log file."""
+
+    name: str
+    args: list[str]
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    ready_file: Path
+    port: int = 0
+    metrics_port: int | None = None
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM, wait up to `timeout`, then SIGKILL; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL (tests of crash behaviour)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_server(name: str, args: Sequence[str], workdir: Path, *, timeout: float = 90.0,
+                 env: dict[str, str] | None = None) -> ServerProcess:
+    """Run `python -m twofold ARGS` with a ready file and a log file under `workdir`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    ready = workdir / f"{name}.ready.json"
+    ready.unlink(missing_ok=True)
+    log_path = workdir / f"{name}.log"
+    log = log_path.open("ab")
+    full = [sys.executable, "-m", "twofold", *args, "--host", "127.0.0.1", "--port", "0",
+            "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--ready-file", str(ready)]
+    proc = subprocess.Popen(full, cwd=ROOT, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
+                            stdout=log, stderr=subprocess.STDOUT,
+                            # Own process group: a Ctrl-C in the terminal reaches the demo only,
+                            # which then stops its servers in order (drain, flush) itself.
+                            start_new_session=True)
+    server = ServerProcess(name=name, args=list(args), proc=proc, log_path=log_path, ready_file=ready, _log=log)
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            server.stop(timeout=5)
+            raise ServerStartError(f"{name} did not start (exit code {proc.returncode}); "
+                                   f"log {log_path}:\n{server.log_tail()}")
+        time.sleep(0.05)
+    info = json.loads(ready.read_text())
+    server.port, server.metrics_port = int(info["port"]), info.get("metrics_port")
+    return server
+
+
+class ServerGroup:
+    """The servers one run started; `stop_all()` stops them in reverse order of start."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.servers: dict[str, ServerProcess] = {}
+
+    def start(self, name: str, args: Sequence[str], **kwargs: object) -> ServerProcess:
+        server = start_server(name, args, self.workdir, **kwargs)  # type: ignore[arg-type]
+        self.servers[name] = server
+        return server
+
+    def stop(self, name: str, timeout: float = 20.0) -> int | None:
+        server = self.servers.pop(name, None)
+        return server.stop(timeout) if server is not None else None
+
+    def stop_all(self, timeout: float = 20.0) -> None:
+        for name in reversed(list(self.servers)):
+            self.stop(name, timeout)
+
+    def __enter__(self) -> ServerGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+
+class InterruptGuard:
+    """Turn SIGTERM into KeyboardInterrupt while active, so `finally` blocks stop the servers.
+
+    SIGINT (Ctrl-C) already raises KeyboardInterrupt in the main thread; SIGTERM would kill the
+    demo without running its cleanup, leaving servers behind.
+    """
+
+    def __init__(self) -> None:
+        self._previous: object = None
+
+    def __enter__(self) -> InterruptGuard:
+        def handler(signum: int, frame: object) -> None:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        self._previous = signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self._previous)  # type: ignore[arg-type]
