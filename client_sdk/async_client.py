@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import inspect
 import logging
 import weakref
 from collections.abc import Mapping, Sequence
@@ -21,10 +22,11 @@ from client_sdk import systems
 from client_sdk.channels import ChannelPool, aio_pool
 from client_sdk.core import ClientCore, ClientStats, flag_name
 from client_sdk.errors import TwofoldError
-from client_sdk.local import LocalState
+from client_sdk.local import Backoff, LocalState, watch_request
 from client_sdk.options import ClientOptions
 from client_sdk.results import Decision, ErrorCode, FlagResult, Reason
 from client_sdk.sync_client import deliver_blocking, make_options
+from protos.twofold.assignment.v1 import assignment_pb2 as apb
 from protos.twofold.assignment.v1 import assignment_pb2_grpc
 from protos.twofold.model.v1 import model_pb2, model_pb2_grpc
 
@@ -221,6 +223,78 @@ class AsyncClient:
                        defaults: Mapping[str, Any]) -> dict[str, FlagResult]:
         assert self._local is not None
         return self._core.resolve_locally(self._local, flags, unit, context, defaults)
+
+    async def _serve(self, p: systems.Plan) -> Decision:
+        if p.custom is not None:
+            try:
+                answer = p.custom(p.call)  # type: ignore[arg-type]
+                if inspect.isawaitable(answer):
+                    answer = await asyncio.wait_for(answer, self.options.deadlines.model)
+                return systems.finish_custom(p, answer)
+            except Exception as exc:
+                return systems.failed_call(p, exc)
+        if not self._models:
+            return systems.failed(p, ErrorCode.SYSTEM_FAILED, "no model server configured")
+        stub = self._models[self._model_pool.pick()]  # type: ignore[union-attr]
+        try:
+            response = await getattr(stub, p.method)(p.request, timeout=self.options.deadlines.model)  # type: ignore[arg-type]
+        except grpc.RpcError as exc:
+            return systems.failed_call(p, exc)
+        return systems.finish_model(p, response)
+
+    async def _watch_loop(self) -> None:
+        assert self._local is not None
+        backoff = Backoff()
+        while True:
+            stub = self._resolvers[self._assignment_pool.pick()]  # type: ignore[union-attr]
+            try:
+                async for snapshot in stub.WatchState(watch_request(self._local)):
+                    if self._local.load(snapshot):
+                        backoff.reset()
+                        self._state_loaded.set()  # type: ignore[union-attr]
+                    else:
+                        log.error("refused a state snapshot: %s", self._local.last_error)
+            except grpc.RpcError as exc:
+                log.debug("state stream interrupted: %s", exc)
+            await asyncio.sleep(backoff.next())
+
+    async def _flush_loop(self) -> None:
+        assert self._wake is not None and self._flush_lock is not None
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.options.flush_interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                async with self._flush_lock:
+                    await self._send_pending()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background flush failed")
+
+    async def _send_pending(self) -> None:
+        """Send queued exposures and events concurrently; requeue what failed for a transient reason."""
+        if not self._resolvers:
+            return
+        core = self._core
+        requests = core.drain_all()
+        calls = []
+        for request in requests:
+            stub = self._resolvers[self._assignment_pool.pick()]  # type: ignore[union-attr]
+            if isinstance(request, apb.ApplyFlagsRequest):
+                calls.append(stub.ApplyFlags(request, timeout=self.options.deadlines.apply))
+            else:
+                calls.append(stub.TrackEvents(request, timeout=self.options.deadlines.track))
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        for request, outcome in zip(requests, outcomes, strict=True):
+            if isinstance(outcome, grpc.RpcError):
+                core.delivery_failed(outcome, request)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                core.delivered(request)
 
     def _flush_at_exit(self) -> None:
         """Interpreter exit without `close()`: deliver what is queued over a blocking channel."""

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-ROOT = Path(__file__).resolve().parents[2]
+# Not resolve(): the project root as imported (a symlinked checkout stays itself).
+ROOT = Path(__file__).absolute().parents[2]
 
 
 class ServerStartError(RuntimeError):
@@ -78,15 +79,19 @@ class ServerProcess:
             self.proc.wait()
 
 
-def start_server(name: str, args: Sequence[str], workdir: Path, *, timeout: float = 90.0,
+def start_server(name: str, args: Sequence[str], workdir: Path, *, port: int = 0, timeout: float = 90.0,
                  env: dict[str, str] | None = None) -> ServerProcess:
-    """Run `python -m twofold ARGS` with a ready file and a log file under `workdir`."""
+    """Run `python -m twofold ARGS` with a ready file and a log file under `workdir`.
+
+    `port` 0 lets the server pick a free port; a given port restarts a server where its
+    clients already point.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     ready = workdir / f"{name}.ready.json"
     ready.unlink(missing_ok=True)
     log_path = workdir / f"{name}.log"
     log = log_path.open("ab")
-    full = [sys.executable, "-m", "twofold", *args, "--host", "127.0.0.1", "--port", "0",
+    full = [sys.executable, "-m", "twofold", *args, "--host", "127.0.0.1", "--port", str(port),
             "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--ready-file", str(ready)]
     proc = subprocess.Popen(full, cwd=ROOT, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
                             stdout=log, stderr=subprocess.STDOUT,

@@ -1,0 +1,396 @@
+"""The SDK against a real assignment server (`python -m twofold serve-assignment`) on loopback.
+
+Covers resolve and decide, exposure on use (batched, deduplicated, in the lake), track with
+client-made ids, failure behaviour when the server is stopped mid-run (STALE, default,
+within the deadline, nothing lost once it is back), several replicas behind one target,
+local evaluation from the state stream, and the asyncio flavour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+
+from client_sdk import (
+    AsyncClient,
+    Client,
+    ClientOptions,
+    Deadlines,
+    ErrorCode,
+    Reason,
+    SystemAnswer,
+    SystemCall,
+    TwofoldError,
+)
+from client_sdk.demo.processes import ServerGroup, ServerProcess
+from twofold.lake import read_table
+
+SECRET = "test-secret"
+FLAGS_YAML = """\
+flag: home-ranking
+variants:
+  static: {system: static, theme: editorial}
+  ranker: {system: model, model: home-ranker, top_k: 1}
+  bandit: {system: bandit, model: home-linucb}
+default: static
+rules:
+  - name: ranking-test
+    experiment:
+      allocation: 100%
+      arms: {static: 1, ranker: 1, bandit: 1}
+---
+flag: checkout
+variants:
+  "off": {enabled: false, color: blue, discount: 0, ratio: 0.5, tags: [a]}
+  "on": {enabled: true, color: green, discount: 10, ratio: 0.25, tags: [b]}
+rules:
+  - name: sweden
+    when: {attribute: country, eq: SE}
+    serve: "on"
+---
+flag: banner
+variants:
+  picks: {system: editorial-picks, slot: 2}
+rules:
+  - name: everyone
+    serve: picks
+---
+client: backend
+secrets:
+  - secret: test-secret
+"""
+
+
+def write_flags(folder: Path, text: str = FLAGS_YAML) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".flags.yaml.tmp"
+    tmp.write_text(text)
+    tmp.replace(folder / "flags.yaml")
+    return folder
+
+
+def start_assignment(group: ServerGroup, base: Path, name: str = "assignment", port: int = 0,
+                     lake: Path | None = None) -> ServerProcess:
+    """A real assignment server over `base/flags`, its lake under `base/lake` (or `lake`)."""
+    key_file = base / "token.key"
+    if not key_file.exists():
+        key_file.write_text(base64.b64encode(os.urandom(32)).decode())
+    if not (base / "flags").exists():
+        write_flags(base / "flags")
+    return group.start(name, ["serve-assignment", "--flags", str(base / "flags"), "--lake", str(lake or base / "lake"),
+                              "--token-key-file", str(key_file), "--reload-interval", "0.2",
+                              "--materializations", "memory", "--log-format", "text"], port=port)
+
+
+def metric(server: ServerProcess, name: str, **labels: str) -> float:
+    """Sum of a Prometheus series on a running server, over series matching `labels`."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in body.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def resolves_served(server: ServerProcess) -> float:
+    return metric(server, "grpc_server_handled_total", grpc_method="ResolveFlags", grpc_code="OK")
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, Path]]:
+    base = tmp_path_factory.mktemp("assignment")
+    with ServerGroup(base / "run") as group:
+        yield start_assignment(group, base), base
+
+
+@pytest.fixture
+def server(shared: tuple[ServerProcess, Path]) -> ServerProcess:
+    return shared[0]
+
+
+def _opts(**kw: object) -> ClientOptions:
+    return ClientOptions(flush_at_exit=False, **kw)  # type: ignore[arg-type]
+
+
+def test_resolve_assigns_and_is_sticky(server: ServerProcess) -> None:
+    with Client(server.target, client_secret=SECRET, options=_opts()) as client:
+        first = {u: client.resolve("home-ranking", f"user-{u}").variant for u in range(300)}
+        again = {u: client.resolve("flags/home-ranking", f"user-{u}").variant for u in range(300)}
+        assert first == again
+        counts = {v: list(first.values()).count(v) for v in ("static", "ranker", "bandit")}
+        assert sum(counts.values()) == 300 and min(counts.values()) > 60, counts
+        r = client.resolve("home-ranking", "user-1")
+        assert r.reason is Reason.MATCH and r.should_apply and r.resolve_id and r.rule.endswith("ranking-test")
+        assert r.value["system"] in ("static", "model", "bandit")
+        se = client.resolve("checkout", "u1", {"country": "SE"}, default={"enabled": False})
+        assert (se.variant, se.value["color"], se.reason) == ("on", "green", Reason.MATCH)
+        us = client.resolve("checkout", "u1", {"country": "US"}, default={"enabled": "default"})
+        assert (us.variant, us.value, us.reason) == (None, {"enabled": "default"}, Reason.NO_SEGMENT_MATCH)
+        many = client.resolve_many(["home-ranking", "checkout"], "user-1", {"country": "SE"})
+        assert many["home-ranking"].variant == first[1] and many["checkout"].variant == "on"
+
+
+def test_bad_requests_give_defaults_with_errors_or_raise_when_strict(server: ServerProcess) -> None:
+    with Client(server.target, client_secret=SECRET, options=_opts()) as client:
+        missing = client.resolve("no-such-flag", "u1", default="d")
+        assert (missing.value, missing.reason, missing.error_code) == ("d", Reason.ERROR, ErrorCode.FLAG_NOT_FOUND)
+        bad_context = client.resolve("checkout", "u1", {"when": object()}, default="d")
+        assert (bad_context.reason, bad_context.error_code) == (Reason.ERROR, ErrorCode.INVALID_CONTEXT)
+        decision = client.decide("no-such-flag", "u1", default="fallback-page")
+        assert (decision.value, decision.reason, decision.system) == ("fallback-page", Reason.ERROR, None)
+    with Client(server.target, client_secret="wrong", options=_opts()) as client:
+        wrong = client.resolve("checkout", "u1", default="d")
+        assert (wrong.value, wrong.error_code) == ("d", ErrorCode.UNAUTHENTICATED)
+    with Client(server.target, client_secret=SECRET, options=_opts(strict=True)) as strict:
+        with pytest.raises(TwofoldError) as err:
+            strict.resolve("no-such-flag", "u1")
+        assert err.value.code is ErrorCode.FLAG_NOT_FOUND
+
+
+def test_decide_static_exposes_once_and_events_land_in_the_lake(tmp_path: Path) -> None:
+    with ServerGroup(tmp_path / "run") as group:
+        server = start_assignment(group, tmp_path)
+        units = [f"buyer-{i}" for i in range(40)]
+        with Client(server.target, client_secret=SECRET, options=_opts(flush_interval=0.2)) as client:
+            decisions = {}
+            for unit in units:
+                decisions[unit] = client.decide("checkout", unit, {"country": "SE"}, default={"enabled": False})
+                client.decide("checkout", unit, {"country": "SE"})  # used again: no second exposure
+            assert all(d.system == "static" and d.value["enabled"] is True for d in decisions.values())
+            event_ids = [client.track("purchase", unit, 9.5, properties={"sku": "x"}) for unit in units]
+            event_ids.append(client.track("view", units[0]))
+            assert client.flush()
+            stats = client.stats
+            assert stats.exposures_sent == 40 and stats.exposures_deduplicated == 40
+            assert stats.events_sent == 41 and stats.flush_failures == 0
+        assert group.stop("assignment") == 0  # drains and compacts the write-ahead log
+        exposures = read_table(tmp_path / "lake", "exposures")
+        assert sorted(exposures.column("unit").to_pylist()) == sorted(units)
+        assert set(exposures.column("flag").to_pylist()) == {"flags/checkout"}
+        assert set(exposures.column("variant").to_pylist()) == {"flags/checkout/variants/on"}
+        events = read_table(tmp_path / "lake", "events")
+        assert sorted(events.column("event_id").to_pylist()) == sorted(event_ids)
+        purchases = events.filter(pc.equal(events.column("name"), "purchase"))
+        assert purchases.num_rows == 40 and set(purchases.column("value").to_pylist()) == {9.5}
+        view = events.filter(pc.equal(events.column("name"), "view"))
+        assert view.column("value").to_pylist() == [None]
+
+
+def test_assignment_down_serves_stale_or_default_within_deadline_and_delivers_later(tmp_path: Path) -> None:
+    deadline = 0.25
+    with ServerGroup(tmp_path / "run") as group:
+        server = start_assignment(group, tmp_path)
+        port = server.port
+        options = _opts(deadlines=Deadlines(resolve=deadline, apply=1.0, track=1.0), flush_interval=0.2)
+        with Client(server.target, client_secret=SECRET, options=options) as client:
+            before = client.decide("checkout", "known-user", {"country": "SE"}, default={"enabled": False})
+            assert before.reason is Reason.MATCH
+            assert client.flush()
+            server.kill()  # SIGKILL mid-run
+
+            started = time.monotonic()
+            stale = client.decide("checkout", "known-user", {"country": "SE"}, default={"enabled": False})
+            fresh = client.decide("checkout", "new-user", {"country": "SE"}, default={"enabled": False})
+            elapsed = time.monotonic() - started
+            assert elapsed < 2 * deadline + 0.2, elapsed
+            assert (stale.reason, stale.value["enabled"], stale.variant) == (Reason.STALE, True, "on")
+            assert stale.flag_result is not None and stale.flag_result.error_code in (
+                ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED)
+            assert (fresh.reason, fresh.value, fresh.variant) == (Reason.DEFAULT, {"enabled": False}, None)
+            event_id = client.track("purchase", "known-user", 3.0)
+            assert not client.flush()  # the event stays queued while the server is away
+            assert client.stats.flush_failures >= 1 and client.stats.events_dropped == 0
+
+            # Back on the same port, same lake: the queued event goes out with the next flush.
+            start_assignment(group, tmp_path, name="assignment-again", port=port)
+            deadline_at = time.monotonic() + 15
+            while client.stats.events_sent == 0 and time.monotonic() < deadline_at:
+                time.sleep(0.1)
+            assert client.stats.events_sent == 1
+            # Resolves recover too, once each pooled channel has reconnected (backoff <= 2 s).
+            while not all(client.resolve("checkout", "probe", {"country": "US"}).reason is Reason.NO_SEGMENT_MATCH
+                          for _ in range(4)):
+                assert time.monotonic() < deadline_at
+                time.sleep(0.1)
+            assert client.decide("checkout", "new-user", {"country": "SE"}).reason is Reason.MATCH
+            assert client.flush()
+        group.stop_all()
+        events = read_table(tmp_path / "lake", "events")
+        assert events.column("event_id").to_pylist() == [event_id]
+        exposed = set(read_table(tmp_path / "lake", "exposures").column("unit").to_pylist())
+        assert exposed == {"known-user", "new-user"}
+
+
+def test_strict_client_raises_when_the_server_is_down(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with Client(f"127.0.0.1:{port}", client_secret=SECRET, options=_opts(strict=True)) as client, \
+            pytest.raises(TwofoldError) as err:
+        client.decide("checkout", "u1")
+    assert err.value.code is ErrorCode.UNAVAILABLE
+
+
+def test_a_hung_server_costs_no_more_than_the_deadline() -> None:
+    """A peer that accepts connections but never answers: the deadline, not a hang, decides."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        options = _opts(deadlines=Deadlines(resolve=0.2))
+        with Client(f"127.0.0.1:{listener.getsockname()[1]}", client_secret=SECRET, options=options) as client:
+            started = time.monotonic()
+            decision = client.decide("checkout", "u1", default="plain")
+            assert time.monotonic() - started < 1.0
+            assert (decision.value, decision.reason) == ("plain", Reason.DEFAULT)
+            assert decision.flag_result is not None
+            assert decision.flag_result.error_code in (ErrorCode.DEADLINE_EXCEEDED, ErrorCode.UNAVAILABLE)
+    finally:
+        stop.set()
+        thread.join()
+        for conn in accepted:
+            conn.close()
+        listener.close()
+
+
+def test_two_replicas_share_the_load_and_survive_losing_one(tmp_path: Path) -> None:
+    with ServerGroup(tmp_path / "run") as group:
+        a = start_assignment(group, tmp_path, name="replica-a")
+        b = start_assignment(group, tmp_path, name="replica-b")
+        target = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
+        with Client(target, client_secret=SECRET, options=_opts(channels=2)) as client:
+            variants = {u: client.resolve("home-ranking", f"u{u}").variant for u in range(60)}
+            assert resolves_served(a) >= 10 and resolves_served(b) >= 10  # round robin, not pick-first
+            a.kill()
+            results = [client.resolve("home-ranking", f"u{u}") for u in range(60)]
+            # Every call still reached a live replica (retried on UNAVAILABLE, or balanced away).
+            assert all(r.reason is Reason.MATCH for r in results), [r.error_message for r in results][:3]
+            assert {u: r.variant for u, r in enumerate(results)} == variants
+
+
+def test_dns_target(server: ServerProcess) -> None:
+    with Client(f"dns:///localhost:{server.port}", client_secret=SECRET, options=_opts()) as client:
+        assert client.resolve("checkout", "u1", {"country": "SE"}).reason is Reason.MATCH
+
+
+def test_local_evaluation_matches_the_server_without_calls(tmp_path: Path) -> None:
+    with ServerGroup(tmp_path / "run") as group:
+        server = start_assignment(group, tmp_path)
+        with Client(server.target, client_secret=SECRET, options=_opts()) as remote, \
+                Client(server.target, client_secret=SECRET, options=_opts(local_evaluation=True)) as local:
+            assert local.wait_for_state(10) and local.state_generation > 0
+            calls_before = resolves_served(server)
+            units = [f"user-{i}" for i in range(200)]
+            local_results = [local.resolve("home-ranking", u) for u in units]
+            assert resolves_served(server) == calls_before  # no call per resolve
+            remote_results = [remote.resolve("home-ranking", u) for u in units]
+            assert [r.variant for r in local_results] == [r.variant for r in remote_results]
+            assert [r.value for r in local_results] == [r.value for r in remote_results]
+            assert all(r.local and r.reason is Reason.MATCH for r in local_results)
+            for unit in units[:25]:
+                local.decide("checkout", unit, {"country": "SE"})
+            assert local.flush() and local.stats.exposures_sent == 25
+            missing = local.resolve("no-such-flag", "u1", default=1)
+            assert (missing.value, missing.error_code) == (1, ErrorCode.FLAG_NOT_FOUND)
+
+            # A flag change reaches the client through the stream.
+            generation = local.state_generation
+            write_flags(tmp_path / "flags", FLAGS_YAML.replace("color: green", "color: purple"))
+            deadline_at = time.monotonic() + 15
+            while local.state_generation == generation and time.monotonic() < deadline_at:
+                time.sleep(0.05)
+            assert local.state_generation > generation
+            assert local.resolve("checkout", "u1", {"country": "SE"}).value["color"] == "purple"
+        group.stop_all()
+        exposures = read_table(tmp_path / "lake", "exposures")
+        assert sorted(exposures.column("unit").to_pylist()) == sorted(units[:25])
+        assert set(exposures.column("variant").to_pylist()) == {"flags/checkout/variants/on"}
+
+
+def test_local_evaluation_before_any_state_serves_defaults() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with Client(f"127.0.0.1:{port}", client_secret=SECRET, options=_opts(local_evaluation=True)) as client:
+        assert not client.wait_for_state(0.2)
+        result = client.resolve("checkout", "u1", default="d")
+        assert (result.value, result.reason, result.error_code) == ("d", Reason.DEFAULT, ErrorCode.PROVIDER_NOT_READY)
+
+
+def test_async_client_resolves_decides_and_tracks(tmp_path: Path) -> None:
+    with ServerGroup(tmp_path / "run") as group:
+        server = start_assignment(group, tmp_path)
+
+        async def main() -> tuple[list[str | None], list[str | None], str]:
+            async with AsyncClient(server.target, client_secret=SECRET, options=_opts()) as client:
+                decisions = await asyncio.gather(*(client.decide("checkout", f"a{i}", {"country": "SE"})
+                                                   for i in range(30)))
+                event_id = client.track("purchase", "a0", 1.5)
+                assert await client.flush()
+                assert client.stats.exposures_sent == 30 and client.stats.events_sent == 1
+                async with AsyncClient(server.target, client_secret=SECRET,
+                                       options=_opts(local_evaluation=True)) as local:
+                    assert await local.wait_for_state(10)
+                    local_variants = [(await local.resolve("home-ranking", f"a{i}")).variant for i in range(30)]
+                remote_variants = [(await client.resolve("home-ranking", f"a{i}")).variant for i in range(30)]
+                assert all(d.reason is Reason.MATCH and d.value["color"] == "green" for d in decisions)
+                return local_variants, remote_variants, event_id
+
+        local_variants, remote_variants, event_id = asyncio.run(main())
+        assert local_variants == remote_variants
+        group.stop_all()
+        assert read_table(tmp_path / "lake", "events").column("event_id").to_pylist() == [event_id]
+        assert read_table(tmp_path / "lake", "exposures").num_rows == 30
+
+
+def test_registered_system_serves_its_arm(server: ServerProcess) -> None:
+    with Client(server.target, client_secret=SECRET, options=_opts()) as client:
+        unknown = client.decide("banner", "u1", default="house-ad")
+        assert (unknown.reason, unknown.error_code, unknown.value) == \
+            (Reason.FALLBACK, ErrorCode.UNKNOWN_SYSTEM, "house-ad")
+        calls = []
+
+        def picks(call: SystemCall) -> SystemAnswer:
+            calls.append(call)
+            return SystemAnswer(value=f"pick-{call.arm['slot']:.0f}-{call.context['country']}", model="picks-v1")
+
+        client.register_system("editorial-picks", picks)
+        with pytest.raises(ValueError, match="built-in"):
+            client.register_system("static", picks)
+        decision = client.decide("banner", "u1", {"country": "SE"}, default="house-ad")
+        assert (decision.value, decision.system, decision.model, decision.reason, decision.variant) == \
+            ("pick-2-SE", "editorial-picks", "picks-v1", Reason.MATCH, "picks")
+        assert calls[0].unit == "u1" and calls[0].variant == "picks"
+
+        def broken(call: SystemCall) -> str:
+            raise RuntimeError("picks database down")
+
+        client.register_system("editorial-picks", broken)
+        failed = client.decide("banner", "u2", {"country": "SE"}, default="house-ad")
+        assert (failed.value, failed.reason) == ("house-ad", Reason.FALLBACK)
+        assert failed.error_code is ErrorCode.SYSTEM_FAILED
+        assert "picks database down" in (failed.error_message or "")
+        assert client.stats.fallbacks_served == 2
