@@ -140,10 +140,11 @@ class TwofoldProvider(AbstractProvider):
         metadata = {k: v for k, v in (("rule", result.rule), ("assignment_id", result.assignment_id),
                                       ("resolve_id", result.resolve_id)) if v}
         if not result.matched:
-            error = None
-            if result.error_code is not None:
-                error = _ERRORS.get(result.error_code, OFErrorCode.GENERAL)
-            return FlagResolutionDetails(value=default, reason=_REASONS[result.reason], error_code=error,
+            if result.error_code is None:
+                return FlagResolutionDetails(value=default, reason=_REASONS[result.reason], flag_metadata=metadata)
+            # Abnormal execution (server unreachable, bad request): reason ERROR with the code.
+            return FlagResolutionDetails(value=default, reason=OFReason.ERROR,
+                                         error_code=_ERRORS.get(result.error_code, OFErrorCode.GENERAL),
                                          error_message=result.error_message, flag_metadata=metadata)
         value: Any = result.value
         for step in path:
