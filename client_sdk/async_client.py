@@ -117,11 +117,12 @@ class AsyncClient:
             self._wake.set()
 
     async def decide(self, flag: str, unit: str, context: Mapping[str, Any] | None = None, *,
-                     features: Any = None, candidates: Any = None, default: Any = None) -> Decision:
+                     features: Any = None, candidates: Any = None, default: Any = None,
+                     decision_id: str | None = None) -> Decision:
         """See `Client.decide`."""
         try:
             result = await self.resolve(flag, unit, context, default=default)
-            p = systems.plan(result, self._core.systems, context or {}, features, candidates, default)
+            p = systems.plan(result, self._core.systems, context or {}, features, candidates, default, decision_id)
             decision = p.decision if p.decision is not None else await self._serve(p)
             if decision.reason is Reason.FALLBACK:
                 self._core.stats.fallbacks_served += 1

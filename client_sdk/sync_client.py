@@ -134,17 +134,19 @@ class Client:
             self._wake.set()
 
     def decide(self, flag: str, unit: str, context: Mapping[str, Any] | None = None, *,
-               features: Any = None, candidates: Any = None, default: Any = None) -> Decision:
+               features: Any = None, candidates: Any = None, default: Any = None,
+               decision_id: str | None = None) -> Decision:
         """Resolve `flag` for `unit`, serve it with the system its arm names, log the exposure.
 
         `features`: the unit's feature row (sequence, numpy array or name->value mapping);
         `candidates`: a matrix of candidate rows to rank. `default` is served when the unit
-        has no assignment, and is the fallback when the arm's system fails. Never raises
+        has no assignment, and is the fallback when the arm's system fails. `decision_id` (bandit
+        arms, optional) makes a decision reproducible: the same id gives the same arm. Never raises
         unless the client is strict: a failure is in the Decision's reason and error.
         """
         try:
             result = self.resolve(flag, unit, context, default=default)
-            p = systems.plan(result, self._core.systems, context or {}, features, candidates, default)
+            p = systems.plan(result, self._core.systems, context or {}, features, candidates, default, decision_id)
             decision = p.decision if p.decision is not None else self._serve(p)
             if decision.reason is Reason.FALLBACK:
                 self._core.stats.fallbacks_served += 1

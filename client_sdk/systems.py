@@ -129,8 +129,11 @@ def _count(candidates: Any) -> int | None:
 
 
 def plan(result: FlagResult, registry: SystemRegistry, context: Mapping[str, Any],
-         features: Any, candidates: Any, default: Any) -> Plan:
-    """Decide what serving `result` takes. Never raises: bad inputs become a FALLBACK decision."""
+         features: Any, candidates: Any, default: Any, decision_id: str | None = None) -> Plan:
+    """Decide what serving `result` takes. Never raises: bad inputs become a FALLBACK decision.
+
+    `decision_id` (bandit arms) replays a decision: the policy's randomness derives from it.
+    """
     count = _count(candidates)
     p = Plan(result=result, default=default, candidates_count=count)
     if not result.matched:
@@ -150,7 +153,7 @@ def plan(result: FlagResult, registry: SystemRegistry, context: Mapping[str, Any
             p.decision = Decision(flag=result.flag, unit=result.unit, value=result.value, system=STATIC,
                                   reason=result.reason, variant=result.variant, flag_result=result)
         elif p.system in (MODEL, BANDIT):
-            _plan_model_call(p, features, candidates)
+            _plan_model_call(p, features, candidates, decision_id)
         elif p.system is not None and (fn := registry.get(p.system)) is not None:
             p.custom = fn
             p.call = SystemCall(flag=result.flag, unit=result.unit, variant=result.variant, arm=arm,
@@ -164,7 +167,7 @@ def plan(result: FlagResult, registry: SystemRegistry, context: Mapping[str, Any
     return p
 
 
-def _plan_model_call(p: Plan, features: Any, candidates: Any) -> None:
+def _plan_model_call(p: Plan, features: Any, candidates: Any, decision_id: str | None) -> None:
     model = p.arm.get("model")
     if not isinstance(model, str) or not model:
         raise ValueError(f"a {p.system} arm needs a 'model' name, got {p.arm!r}")
@@ -173,7 +176,7 @@ def _plan_model_call(p: Plan, features: Any, candidates: Any) -> None:
         if features is None:
             raise ValueError("a bandit arm needs the unit's context features (features=...)")
         request = model_pb2.DecideRequest(model=model, version=version, unit=p.result.unit,
-                                          decision_id=uuid.uuid4().hex)
+                                          decision_id=decision_id or uuid.uuid4().hex)
         if isinstance(features, Mapping):
             request.named.CopyFrom(named_features(features))
         else:

@@ -1,0 +1,26 @@
+"""`twofold demo`: the end-to-end main job (see client_sdk.demo.run).
+
+Only the Command lives here; the heavy imports (XGBoost, ONNX Runtime, DuckDB) happen when the
+demo runs, so `twofold --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from twofold.cli import Command
+
+
+def _configure(parser: argparse.ArgumentParser) -> None:
+    from client_sdk.demo.run import configure
+
+    configure(parser)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from client_sdk.demo.run import run
+
+    return run(args)
+
+
+DEMO = Command(configure=_configure, run=_run)

@@ -16,14 +16,15 @@ class Progress:
     """`with Progress("simulate", total=9000) as bar: bar.advance()`."""
 
     def __init__(self, label: str, total: int, *, stream: TextIO | None = None, width: int = 30,
-                 min_interval: float = 0.1) -> None:
+                 min_interval: float = 0.1, enabled: bool = True) -> None:
         self.label = label
         self.total = max(1, total)
         self.done = 0
         self.stream = stream or sys.stderr
         self.width = width
         self.min_interval = min_interval
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        # Drawn in place only on a terminal; `enabled=False` keeps just the summary line.
+        self.tty = enabled and bool(getattr(self.stream, "isatty", lambda: False)())
         self._lock = threading.Lock()
         self._started = time.monotonic()
         self._last_draw = 0.0

@@ -54,7 +54,7 @@ def shown_theme(decision: Decision) -> int:
 
 async def visit_all(client: AsyncClient, flag: str, units: Sequence[str], x: np.ndarray,
                     countries: Sequence[str], *, concurrency: int = 16, progress: Progress | None = None,
-                    ) -> list[Visit]:
+                    decision_ids: Sequence[str] | None = None) -> list[Visit]:
     """Phase 1: one `decide()` per user, `concurrency` at a time."""
     candidates = world.candidates()
     default = {"system": "static", "theme": world.STATIC_THEME}
@@ -67,7 +67,8 @@ async def visit_all(client: AsyncClient, flag: str, units: Sequence[str], x: np.
             i = next_index
             next_index += 1
             decision = await client.decide(flag, units[i], {"country": countries[i]}, features=x[i],
-                                           candidates=candidates, default=default)
+                                           candidates=candidates, default=default,
+                                           decision_id=decision_ids[i] if decision_ids else None)
             visits[i] = Visit(units[i], decision.variant, decision.system, shown_theme(decision), decision.reason,
                               decision.propensity, decision.decision_id)
             if progress is not None:
