@@ -119,12 +119,17 @@ def _decision_id(seed: int, unit: str) -> str:
 
 async def _simulate(servers: dict[str, ServerProcess], users: np.ndarray, args: argparse.Namespace,
                     progress: bool) -> tuple[list[Visit], int, dict[str, int]]:
-    from client_sdk import AsyncClient, ClientOptions
+    from client_sdk import AsyncClient, ClientOptions, Deadlines
 
     units = [f"user-{i:06d}" for i in range(len(users))]
     rng = np.random.default_rng(args.seed + 1)
     countries = [world.COUNTRIES[i] for i in rng.integers(0, len(world.COUNTRIES), len(users))]
-    options = ClientOptions(local_evaluation=args.local_evaluation, flush_interval=0.5)
+    # A web service would keep the SDK's default deadlines (a few hundred ms: serve the default
+    # rather than keep a page waiting). The demo is a batch simulation on a machine that also
+    # runs the three servers; generous deadlines keep a CPU hiccup from dropping users out of
+    # the experiment (they would get the static default, unexposed).
+    options = ClientOptions(local_evaluation=args.local_evaluation, flush_interval=0.5,
+                            deadlines=Deadlines(resolve=5.0, model=5.0, apply=10.0, track=10.0))
     async with AsyncClient(servers["assignment"].target, servers["model"].target, experiment.CLIENT_SECRET,
                            options=options) as client:
         if args.local_evaluation and not await client.wait_for_state(10):
