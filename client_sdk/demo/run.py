@@ -30,8 +30,10 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import yaml
 
 from client_sdk.demo import experiment, world
 from client_sdk.demo.processes import InterruptGuard, ServerGroup, ServerProcess
@@ -104,7 +106,7 @@ def _start_servers(group: ServerGroup, paths: dict[str, Path]) -> dict[str, Serv
         "model": ["serve-model", "--repository", str(paths["repository"]), "--lake", str(paths["lake"]),
                   "--log-format", "text"],
         "analysis": ["serve-analysis", "--experiments", str(paths["experiments"]), "--lake", str(paths["lake"]),
-                     "--every", "1h", "--out", str(paths["results"] / "served"), "--threads", "1",
+                     "--every", "5s", "--out", str(paths["results"] / "served"), "--threads", "1",
                      "--log-format", "text"],
     }
     with concurrent.futures.ThreadPoolExecutor(len(commands)) as pool:
@@ -161,6 +163,33 @@ def _summary(visits: list[Visit]) -> str:
     return "\n".join(lines)
 
 
+def _served_results(server: ServerProcess, document: dict[str, Any], since: dt.datetime,
+                    timeout: float = 30.0) -> tuple[bool, str]:
+    """Wait for the analysis server's scheduled computation over the complete lake (GetResults)
+    and compare its units per variant with the document the Python API computed."""
+    import grpc
+
+    from protos.twofold.analysis.v1 import analysis_pb2, analysis_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(server.target) as channel:
+        stub = analysis_pb2_grpc.AnalysisServiceStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                reply = stub.GetResults(analysis_pb2.GetResultsRequest(experiment=experiment.FLAG), timeout=5)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    return False, f"GetResults failed: {exc.code().name}: {exc.details()}"
+            else:
+                if reply.computed_at.ToDatetime(dt.UTC) > since:
+                    served = json.loads(reply.results_json)
+                    same = served.get("units") == document.get("units")
+                    return same, (f"GetResults at {server.target} serves the same units per variant"
+                                  if same else f"GetResults units {served.get('units')} != {document.get('units')}")
+            time.sleep(0.5)
+    return False, f"no computation over the complete lake within {timeout:.0f}s"
+
+
 def _bandit_log(lake: Path, visits: list[Visit]) -> tuple[int, int, float, float]:
     """(bandit units, their decisions in the lake, min and max logged propensity)."""
     from twofold.lake import read_table
@@ -209,7 +238,7 @@ def _run(args: argparse.Namespace, folder: Path, paths: dict[str, Path], group: 
     run_start = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)
     (paths["flags"] / "home-ranking.yaml").write_text(experiment.flags_yaml())
     (paths["experiments"] / "home-ranking.yaml").write_text(
-        json.dumps(experiment.experiment_config(run_start), indent=1))
+        yaml.safe_dump(experiment.experiment_config(run_start), sort_keys=False))
     with Step("starting the assignment, model and analysis servers"):
         servers = _start_servers(group, paths)
         for name, server in servers.items():
@@ -231,6 +260,10 @@ def _run(args: argparse.Namespace, folder: Path, paths: dict[str, Path], group: 
             if code != 0:
                 raise RuntimeError(f"{name} server exited with code {code}; see {paths['logs'] / (name + '.log')}")
 
+    lake_complete = dt.datetime.now(dt.UTC)
+    (paths["results"] / "truth.json").write_text(json.dumps(
+        {"conversion_rate": truth.rates, "effects": {f"{m}/{a}": v for (m, a), v in
+                                                      experiment.true_effects(truth).items()}}, indent=1) + "\n")
     with Step("analyzing the experiment (analysis worker, DuckDB on the lake)"):
         from analysis_worker.analyze import analyze
         from analysis_worker.report import render_table
@@ -243,6 +276,10 @@ def _run(args: argparse.Namespace, folder: Path, paths: dict[str, Path], group: 
     _say("")
     recovery = experiment.check_recovery(analysis.document, truth)
     _say(experiment.format_recovery(recovery, truth))
+    served_ok, served_note = _served_results(servers["analysis"], analysis.document, lake_complete)
+    _say(f"  analysis server: {served_note}")
+    if not served_ok:
+        recovery.problems.append(f"the analysis server disagrees with the Python API: {served_note}")
     bandit_units, logged, p_min, p_max = _bandit_log(paths["lake"], visits)
     _say(f"  bandit decision log: {logged} of {bandit_units} bandit decisions in the lake, "
          f"propensities in [{p_min:.3f}, {p_max:.3f}]")
