@@ -22,6 +22,7 @@ import base64
 import concurrent.futures
 import datetime as dt
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -201,9 +202,22 @@ def _bandit_log(lake: Path, visits: list[Visit]) -> tuple[int, int, float, float
     return len(ids), len(logged), float(min(props)), float(max(props))
 
 
+def _missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except ModuleNotFoundError:
+        return True
+
+
 def run(args: argparse.Namespace) -> int:
     if args.users < 300:
         print("twofold demo: --users must be at least 300", file=sys.stderr)
+        return 2
+    missing = [m for m in ("xgboost", "onnxmltools", "assignment_server.resolver", "model_server.bandits",
+                           "analysis_worker.analyze") if _missing(m)]
+    if missing:
+        print(f"twofold demo: missing {', '.join(missing)}; the demo needs the three services and the "
+              "training tools (pip install 'twofold[train]')", file=sys.stderr)
         return 2
     started = time.monotonic()
     temp = tempfile.mkdtemp(prefix="twofold-demo-") if args.temp else None
