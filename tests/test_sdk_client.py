@@ -12,6 +12,8 @@ import asyncio
 import base64
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -394,3 +396,39 @@ def test_registered_system_serves_its_arm(server: ServerProcess) -> None:
         assert failed.error_code is ErrorCode.SYSTEM_FAILED
         assert "picks database down" in (failed.error_message or "")
         assert client.stats.fallbacks_served == 2
+
+
+EXIT_SCRIPT = """
+import asyncio, sys
+from client_sdk import AsyncClient, Client, ClientOptions
+target, flavour = sys.argv[1], sys.argv[2]
+options = ClientOptions(flush_interval=3600)  # nothing is sent before the interpreter exits
+if flavour == "sync":
+    client = Client(target, client_secret="test-secret", options=options)
+    client.decide("checkout", "exit-sync", {"country": "SE"})
+    client.track("purchase", "exit-sync", 1.0)
+else:
+    async def main():
+        client = AsyncClient(target, client_secret="test-secret", options=options)
+        await client.decide("checkout", "exit-async", {"country": "SE"})
+        client.track("purchase", "exit-async", 2.0)
+    asyncio.run(main())
+print("exiting without close()")
+"""
+
+
+def test_queued_records_are_flushed_at_interpreter_exit(tmp_path: Path) -> None:
+    from client_sdk.demo.processes import ROOT
+
+    with ServerGroup(tmp_path / "run") as group:
+        server = start_assignment(group, tmp_path)
+        for flavour in ("sync", "async"):
+            done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, server.target, flavour], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0 and "exiting" in done.stdout, done.stderr[-2000:]
+        group.stop_all()
+    exposures = read_table(tmp_path / "lake", "exposures")
+    assert sorted(exposures.column("unit").to_pylist()) == ["exit-async", "exit-sync"]
+    events = read_table(tmp_path / "lake", "events")
+    assert sorted(zip(events.column("unit").to_pylist(), events.column("value").to_pylist(), strict=True)) == \
+        [("exit-async", 2.0), ("exit-sync", 1.0)]
