@@ -12,14 +12,17 @@ state, resolving and the reconnect backoff are here, once.
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from protos.twofold.assignment.v1 import assignment_pb2 as apb
+
+_log = logging.getLogger("twofold.sdk")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class LocalState:
         self._ready = threading.Event()
         self.load_failures = 0
         self.last_error: str | None = None
+        # Called with the new generation after each successful swap (from the stream's thread or task).
+        self.listeners: list[Callable[[int], None]] = []
 
     @property
     def generation(self) -> int:
@@ -68,6 +73,11 @@ class LocalState:
             return False
         self._current = LoadedState(snapshot.generation, snapshot.format, compiled, time.monotonic())
         self._ready.set()
+        for listener in list(self.listeners):
+            try:
+                listener(snapshot.generation)
+            except Exception:  # a listener must not break state updates
+                _log.exception("state listener failed")
         return True
 
     def resolve(self, flags: Sequence[str], context: Mapping[str, Any]) -> list[dict[str, Any]] | None:

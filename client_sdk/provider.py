@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from openfeature.evaluation_context import EvaluationContext
+from openfeature.event import ProviderEventDetails
 from openfeature.exception import ErrorCode as OFErrorCode
 from openfeature.exception import ProviderNotReadyError
 from openfeature.flag_evaluation import FlagResolutionDetails, FlagValueType
@@ -108,9 +109,20 @@ class TwofoldProvider(AbstractProvider):
         return Metadata(name="twofold")
 
     def initialize(self, evaluation_context: EvaluationContext) -> None:
-        """Local evaluation: wait for the first state snapshot; not ready in time is an error."""
-        if self.client.options.local_evaluation and not self.client.wait_for_state():
+        """Local evaluation: wait for the first state snapshot (not ready in time is an error),
+        then emit PROVIDER_CONFIGURATION_CHANGED whenever a new flag state arrives."""
+        if not self.client.options.local_evaluation:
+            return
+        if not self.client.wait_for_state():
             raise ProviderNotReadyError("no state received from the assignment server in time")
+        first = self.client.state_generation
+
+        def changed(generation: int) -> None:
+            if generation != first:
+                self.emit_provider_configuration_changed(
+                    ProviderEventDetails(message=f"flag state generation {generation}"))
+
+        self.client.on_state_change(changed)
 
     def shutdown(self) -> None:
         if self.owns_client:

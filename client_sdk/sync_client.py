@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -97,6 +97,11 @@ class Client:
     def register_system(self, name: str, fn: systems.SystemFn) -> None:
         """Serve arms whose value names `name` with `fn(SystemCall)`; see client_sdk.systems."""
         self._core.systems.register(name, fn)
+
+    def on_state_change(self, listener: Callable[[int], None]) -> None:
+        """Local evaluation: call `listener(generation)` whenever a new flag state is swapped in."""
+        if self._local is not None:
+            self._local.listeners.append(listener)
 
     def wait_for_state(self, timeout: float | None = None) -> bool:
         """Local evaluation: wait until the first state snapshot arrived; True when it did."""

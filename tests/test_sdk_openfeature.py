@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from openfeature import api
 from openfeature.evaluation_context import EvaluationContext
+from openfeature.event import ProviderEvent
 from openfeature.exception import ErrorCode, ProviderNotReadyError
 from openfeature.flag_evaluation import Reason
 from openfeature.provider import ProviderStatus
@@ -18,7 +20,7 @@ from openfeature.track import TrackingEventDetails
 from client_sdk import AsyncClient, Client, ClientOptions, Deadlines
 from client_sdk.demo.processes import ServerGroup, ServerProcess
 from client_sdk.provider import TwofoldProvider
-from tests.test_sdk_client import SECRET, start_assignment
+from tests.test_sdk_client import FLAGS_YAML, SECRET, start_assignment, write_flags
 from twofold.lake import read_table
 
 SE = EvaluationContext(targeting_key="user-1", attributes={"country": "SE"})
@@ -125,11 +127,18 @@ def test_track_and_async_evaluation(served: tuple[ServerGroup, ServerProcess, Pa
 
 
 def test_initialize_waits_for_local_state(served: tuple[ServerGroup, ServerProcess, Path]) -> None:
-    _, server, _ = served
+    _, server, base = served
     api.set_provider_and_wait(_provider(server.target, local_evaluation=True), "local")
     flags = api.get_client("local")
     assert flags.get_provider_status() is ProviderStatus.READY
     assert flags.get_boolean_details("checkout.enabled", False, SE).reason == Reason.TARGETING_MATCH
+
+    # A flag change arrives on the state stream: handlers hear PROVIDER_CONFIGURATION_CHANGED.
+    changed = threading.Event()
+    flags.add_handler(ProviderEvent.PROVIDER_CONFIGURATION_CHANGED, lambda details: changed.set())
+    write_flags(base / "flags", FLAGS_YAML.replace("color: green", "color: teal"))
+    assert changed.wait(15)
+    assert flags.get_string_value("checkout.color", "blue", SE) == "teal"
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
