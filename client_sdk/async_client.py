@@ -99,7 +99,20 @@ class AsyncClient:
             return self._unusable("the client is closed", unit, flags, defaults)
         self._start()
         if self._local is not None:
-            return self._resolve_local(flags, unit, context, defaults)
+            names = [flag_name(f) for f in flags]
+            # Sticky experiments need the server's stored assignments: those go remote.
+            remote = self._local.needs_server(names)
+            local_names = [n for n in names if n not in remote]
+            results = self._core.resolve_locally(self._local, local_names, unit, context, defaults) \
+                if local_names else {}
+            if remote:
+                results.update(await self._resolve_remote(remote, unit, context, defaults))
+            return results
+        return await self._resolve_remote(flags, unit, context, defaults)
+
+    async def _resolve_remote(self, flags: Sequence[str], unit: str, context: Mapping[str, Any] | None,
+                              defaults: Mapping[str, Any]) -> dict[str, FlagResult]:
+        """One ResolveFlags call; failures become STALE or default results (see ClientCore)."""
         if not self._resolvers:
             return self._unusable("no assignment server configured", unit, flags, defaults)
         try:
@@ -219,11 +232,6 @@ class AsyncClient:
             raise TwofoldError(ErrorCode.GENERAL, message)
         return {flag_name(f): self._core.error_result(flag_name(f), unit, defaults.get(flag_name(f)),
                                                       ErrorCode.GENERAL, message) for f in flags}
-
-    def _resolve_local(self, flags: Sequence[str], unit: str, context: Mapping[str, Any] | None,
-                       defaults: Mapping[str, Any]) -> dict[str, FlagResult]:
-        assert self._local is not None
-        return self._core.resolve_locally(self._local, flags, unit, context, defaults)
 
     async def _serve(self, p: systems.Plan) -> Decision:
         if p.custom is not None:

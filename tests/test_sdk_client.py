@@ -67,6 +67,17 @@ rules:
   - name: everyone
     serve: picks
 ---
+flag: sticky-test
+variants:
+  a: {system: static, layout: a}
+  b: {system: static, layout: b}
+rules:
+  - name: sticky
+    experiment:
+      allocation: 100%
+      arms: {a: 1, b: 1}
+      sticky: true
+---
 client: backend
 secrets:
   - secret: test-secret
@@ -315,6 +326,13 @@ def test_local_evaluation_matches_the_server_without_calls(tmp_path: Path) -> No
             for unit in units[:25]:
                 local.decide("checkout", unit, {"country": "SE"})
             assert local.flush() and local.stats.exposures_sent == 25
+            # A sticky experiment needs the server's stored assignments: resolved remotely, once.
+            calls_before = resolves_served(server)
+            sticky = local.resolve_many(["sticky-test", "checkout"], "user-7", {"country": "SE"})
+            assert resolves_served(server) == calls_before + 1
+            assert sticky["sticky-test"].reason is Reason.MATCH and not sticky["sticky-test"].local
+            assert sticky["sticky-test"].variant == remote.resolve("sticky-test", "user-7").variant
+            assert sticky["checkout"].local and sticky["checkout"].variant == "on"
             missing = local.resolve("no-such-flag", "u1", default=1)
             assert (missing.value, missing.error_code) == (1, ErrorCode.FLAG_NOT_FOUND)
 
