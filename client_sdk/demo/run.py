@@ -243,8 +243,10 @@ def _run(args: argparse.Namespace, folder: Path, paths: dict[str, Path], group: 
     with Step(f"training the XGBoost ranker and the LinUCB bandit on {args.train_rows} logged visits"):
         trained: TrainedSystems = train_systems(paths["repository"], rows=args.train_rows, seed=args.seed)
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in trained.ranker_metrics.items())
-        _say(f"    {trained.ranker.model} v{trained.ranker.version} ({metrics}); "
-             f"{trained.bandit.model} v{trained.bandit.version}")
+        value, lower, upper = trained.bandit_snips
+        _say(f"    {trained.ranker.model} v{trained.ranker.version} ({metrics})")
+        _say(f"    {trained.bandit.model} v{trained.bandit.version}: off-policy estimate (SNIPS) of its conversion "
+             f"{value:.2%} [{lower:.2%}, {upper:.2%}] vs {trained.logged_rate:.2%} logged")
     with Step("computing the ground truth (Monte Carlo over 200k users, through the exported ONNX graphs)"):
         truth: Truth = true_rates(trained)
         _say("    true conversion: " + ", ".join(f"{k} {v:.2%}" for k, v in truth.rates.items()))

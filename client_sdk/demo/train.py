@@ -8,7 +8,9 @@ Both learn from the same exploration log (themes shown uniformly at random, `wor
   user's features are the shared context row.
 - `home-linucb`: a LinUCB policy with one ridge regression per theme over the user's
   features, published as an ONNX graph with an exploration floor, so every decision has a
-  propensity > 0 and the decision log supports off-policy evaluation.
+  propensity > 0 and the decision log supports off-policy evaluation. Before it is published,
+  the model server evaluates it off-policy (SNIPS) on a held-out fifth of the log, whose
+  propensities are known (uniform), and refuses it if it is worse than the logging policy.
 
 `true_rates` then computes each system's population conversion rate under the world's true
 probabilities, running the very ONNX graphs the server loads.
@@ -36,25 +38,31 @@ class TrainedSystems:
     bandit: Any
     ranker_metrics: dict[str, float]
     rows: int
+    # Off-policy estimate of the bandit's conversion rate, and the logging policy's observed rate.
+    bandit_snips: tuple[float, float, float]
+    logged_rate: float
 
 
 def train_systems(repository: Path, *, rows: int = 20_000, seed: int = 7) -> TrainedSystems:
     """Fit and publish both systems into the model repository `repository`."""
-    from model_server.bandits import PolicyConfig, fit_linear_arms, publish_policy
-    from model_server.export_xgboost import train_xgboost
+    from model_server.training import PolicyConfig, train_bandit, train_xgboost
 
     logged = world.logged_interactions(rows, seed)
     ranker = train_xgboost(world.ranker_rows(logged.x, logged.themes), logged.converted, name=RANKER,
                            repository=repository, task="classifier", seed=seed,
                            params={"n_estimators": 120, "max_depth": 4, "learning_rate": 0.1})
-    stats = fit_linear_arms(logged.x, logged.themes, logged.converted.astype(np.float64), len(world.THEMES),
-                            ridge=1.0)
-    bandit = publish_policy(repository=repository, name=BANDIT, arms=list(world.THEMES),
-                            feature_names=list(world.FEATURES), stats=stats,
-                            config=PolicyConfig(policy="linucb", alpha=0.05, floor=0.02))
+    result = train_bandit(logged.x, logged.themes, logged.converted.astype(np.float64), repository=repository,
+                          name=BANDIT, arm_names=list(world.THEMES), feature_names=list(world.FEATURES),
+                          config=PolicyConfig(policy="linucb", alpha=0.05, floor=0.02),
+                          propensities=np.full(rows, 1.0 / len(world.THEMES)),
+                          decision_ids=[f"log-{seed}-{i}" for i in range(rows)], gate_rule="not-worse")
+    if result.published is None or result.report is None:
+        raise RuntimeError(f"the model server refused the bandit policy: {result.reason}")
     training = dict(ranker.manifest.training or {})
     metrics = {k: float(v) for k, v in training.items() if k.startswith("holdout_")}
-    return TrainedSystems(ranker, bandit, metrics, rows)
+    snips = result.report.snips
+    return TrainedSystems(ranker, result.published, metrics, rows, (snips.value, snips.ci_lower, snips.ci_upper),
+                          float(result.report.logged.value))
 
 
 @dataclass(frozen=True)
