@@ -12,7 +12,7 @@ provider is `client_sdk.provider.TwofoldProvider`. See docs/sdk.md.
 
 from client_sdk.async_client import AsyncClient
 from client_sdk.core import ClientStats
-from client_sdk.errors import ClientClosedError, TwofoldError
+from client_sdk.errors import TwofoldError
 from client_sdk.options import ClientOptions, Deadlines, RetryPolicy, TlsConfig
 from client_sdk.results import Decision, ErrorCode, FlagResult, Reason
 from client_sdk.sync_client import Client
@@ -21,7 +21,6 @@ from client_sdk.systems import SystemAnswer, SystemCall
 __all__ = [
     "AsyncClient",
     "Client",
-    "ClientClosedError",
     "ClientOptions",
     "ClientStats",
     "Deadlines",

@@ -16,7 +16,3 @@ class TwofoldError(Exception):
         super().__init__(f"{code.value}: {message}")
         self.code = code
         self.message = message
-
-
-class ClientClosedError(RuntimeError):
-    """The client was used after `close()`."""

@@ -50,6 +50,8 @@ class Client:
     def __init__(self, assignment: str | None = None, model: str | None = None, client_secret: str = "",
                  *, options: ClientOptions | None = None, **overrides: Any) -> None:
         self.options = make_options(options, overrides)
+        if self.options.local_evaluation and not assignment:
+            raise ValueError("local evaluation needs the assignment server's address (for its state stream)")
         self._core = ClientCore(client_secret, self.options)
         self._closed = False
         self._close_lock = threading.Lock()
@@ -72,8 +74,6 @@ class Client:
         self._watch_call: Any = None
         self._watcher: threading.Thread | None = None
         if self.options.local_evaluation:
-            if not assignment:
-                raise ValueError("local evaluation needs the assignment server's address (for its state stream)")
             self._local = LocalState(client_secret)
             self._watcher = threading.Thread(target=self._watch_loop, name="twofold-sdk-state", daemon=True)
             self._watcher.start()
