@@ -93,8 +93,9 @@ def _convert(model: Any, width: int) -> bytes:
 def check_parity(model_bytes: bytes, model: Any, kind: str, x: np.ndarray,
                  tolerance: float = PARITY_TOLERANCE) -> ParityReport:
     """Compare ONNX Runtime against XGBoost on rows `x` (held out from training)."""
-    from model_server.runtime import session_options
     import onnxruntime as ort
+
+    from model_server.runtime import session_options
 
     session = ort.InferenceSession(model_bytes, session_options(), providers=["CPUExecutionProvider"])
     output = "probabilities" if kind == "xgboost-classifier" else "variable"
@@ -166,7 +167,8 @@ def train_xgboost(x: np.ndarray, y: np.ndarray, *, name: str, repository: str | 
     x = np.asarray(x, dtype=np.float32)
     y = np.asarray(y)
     if x.ndim != 2 or len(x) != len(y) or len(x) < 10:
-        raise ValueError(f"need a 2-D feature matrix and one label per row (at least 10 rows); got {x.shape}, {y.shape}")
+        raise ValueError(f"need a 2-D feature matrix and one label per row (at least 10 rows); "
+                         f"got {x.shape}, {y.shape}")
     names = list(feature_names) if feature_names is not None else [f"f{i}" for i in range(x.shape[1])]
     if len(names) != x.shape[1]:
         raise ValueError(f"{len(names)} feature names for {x.shape[1]} columns")

@@ -24,8 +24,23 @@ def seed_of(decision_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(decision_id.encode(), digest_size=8).digest(), "little")
 
 
+_MASK = (1 << 64) - 1
+
+
+def _splitmix_one(seed: int, counter: int) -> float:
+    """The same number `uniforms` computes at position `counter`, in plain integers (faster for one)."""
+    z = (seed + counter * 0x9E3779B97F4A7C15) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    z ^= z >> 31
+    return ((z >> 40) + 0.5) * 2.0**-24
+
+
 def uniforms(decision_id: str, count: int) -> np.ndarray:
     """`count` float32 numbers strictly inside (0, 1), as a `(1, count)` row."""
+    if count <= 2:
+        seed = seed_of(decision_id)
+        return np.array([[_splitmix_one(seed, i) for i in range(1, count + 1)]], dtype=np.float32)
     counters = _COUNTERS.get(count)
     if counters is None:
         counters = _COUNTERS[count] = np.arange(1, count + 1, dtype=np.uint64)

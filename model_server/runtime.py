@@ -39,6 +39,17 @@ def session_options() -> ort.SessionOptions:
     return options
 
 
+def rows_from_bytes(data: bytes, rows: int, cols: int, what: str) -> np.ndarray:
+    """View `rows x cols` little-endian float32 values; INVALID_ARGUMENT when sizes disagree."""
+    if rows < 1 or cols < 1:
+        raise invalid(f"{what}: rows and cols must both be at least 1 (got {rows} x {cols})", "wrong_shape")
+    expected = rows * cols * 4
+    if len(data) != expected:
+        raise invalid(f"{what}: rows x cols = {rows} x {cols} needs {expected} bytes of little-endian float32, "
+                      f"got {len(data)} bytes", "wrong_shape")
+    return np.frombuffer(data, dtype="<f4").reshape(rows, cols)
+
+
 class LoadedModel:
     """A version ready to serve. Immutable once built; dropped when no call references it."""
 
@@ -77,7 +88,8 @@ class LoadedModel:
                 raise ManifestError(f"manifest input {spec.name!r} is not an input of the graph "
                                     f"({', '.join(graph_inputs)})")
             if _ORT_TO_OIP.get(found.type) != spec.datatype:
-                raise ManifestError(f"input {spec.name!r} is {found.type} in the graph, {spec.datatype} in the manifest")
+                raise ManifestError(f"input {spec.name!r} is {found.type} in the graph, "
+                                    f"{spec.datatype} in the manifest")
             last = found.shape[-1] if found.shape else None
             if isinstance(last, int) and last != spec.shape[-1]:
                 raise ManifestError(f"input {spec.name!r} has {last} columns in the graph, "
@@ -99,19 +111,18 @@ class LoadedModel:
     # -- inputs ----------------------------------------------------------------------------------
     def dense(self, data: bytes, rows: int, cols: int, what: str = "dense") -> np.ndarray:
         """Validate raw little-endian float32 rows and view them as a `(rows, cols)` array."""
-        if rows < 1:
-            raise invalid(f"{what}: rows must be at least 1")
-        if cols != self.width:
-            raise invalid(f"{what}: model {self.name!r} version {self.version} takes {self.width} features "
-                          f"({', '.join(self.manifest.feature_names[:8])}{', ...' if self.width > 8 else ''}), "
-                          f"got cols={cols}", "wrong_shape")
-        expected = rows * cols * 4
-        if len(data) != expected:
-            raise invalid(f"{what}: rows x cols = {rows} x {cols} needs {expected} bytes of little-endian float32, "
-                          f"got {len(data)} bytes", "wrong_shape")
-        x = np.frombuffer(data, dtype="<f4").reshape(rows, cols)
-        self.check_values(x, what)
+        x = rows_from_bytes(data, rows, cols, what)
+        self.check_input(x, what)
         return x
+
+    def check_input(self, x: np.ndarray, what: str) -> None:
+        """The feature count must match the manifest, and values must be legal for the model."""
+        if x.shape[1] != self.width:
+            names = self.manifest.feature_names
+            raise invalid(f"{what}: model {self.name!r} version {self.version} takes {self.width} features "
+                          f"({', '.join(names[:8])}{', ...' if self.width > 8 else ''}), got {x.shape[1]} columns",
+                          "wrong_shape")
+        self.check_values(x, what)
 
     def named(self, values: Mapping[str, float]) -> np.ndarray:
         """One row from named features, in the manifest's order; every feature is required."""

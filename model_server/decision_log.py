@@ -1,0 +1,93 @@
+"""Every Decide lands in the lake's `decisions` table (contract 3), off the request's hot path.
+
+A decision is queued in memory and the queue is handed to the shared `LakeWriter` once per
+event-loop turn (`append_nowait`), so concurrent decisions share one write-ahead append and
+one fsync, and the call returns without waiting for the disk. The gap this leaves is the
+group-commit window (a few milliseconds): a decision answered in that window is lost if the
+process is SIGKILLed before its fsync. `durable=True` (`--durable-decisions`) closes it by
+answering only after the record is fsynced, at the cost of the fsync latency on every call.
+
+Retries of one decision id replay the same arm, so duplicates are identical rows that readers
+drop by `decision_id` (contract 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from typing import Any, Protocol
+
+log = logging.getLogger("twofold.model.decisions")
+
+
+class Writer(Protocol):
+    """The part of `twofold.lake.LakeWriter` the decision log uses."""
+
+    async def append(self, records: list[dict[str, Any]]) -> None: ...
+    def append_nowait(self, records: list[dict[str, Any]]) -> concurrent.futures.Future[None]: ...
+    async def flush(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+class DecisionLog:
+    """Batches decision records per event-loop turn into the lake writer."""
+
+    def __init__(self, writer: Writer, durable: bool = False) -> None:
+        self.writer = writer
+        self.durable = durable
+        self._batch: list[dict[str, Any]] = []
+        self._scheduled = False
+        self._pending: set[concurrent.futures.Future[None]] = set()
+        self.failed = 0
+
+    @staticmethod
+    def record(decision_id: str, unit: str, model: str, version: str, arm: str, propensity: float,
+               features: list[float]) -> dict[str, Any]:
+        return {"decision_id": decision_id, "ts": time.time_ns() // 1000, "unit": unit, "model": model,
+                "model_version": version, "arm": arm, "propensity": propensity, "features": features}
+
+    async def log(self, record: dict[str, Any]) -> None:
+        """Queue (or, when durable, write and fsync) one decision."""
+        if self.durable:
+            await self.writer.append([record])
+            return
+        self._batch.append(record)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._hand_over)
+
+    def _hand_over(self) -> None:
+        batch, self._batch, self._scheduled = self._batch, [], False
+        if not batch:
+            return
+        try:
+            future = self.writer.append_nowait(batch)
+        except Exception:
+            self._lost(len(batch))
+            return
+        self._pending.add(future)
+        future.add_done_callback(self._done)
+
+    def _done(self, future: concurrent.futures.Future[None]) -> None:
+        self._pending.discard(future)
+        if future.cancelled() or future.exception() is not None:
+            self._lost(-1, future.exception() if not future.cancelled() else None)
+
+    def _lost(self, count: int, error: BaseException | None = None) -> None:
+        self.failed += 1
+        log.error("decision records could not be written to the lake", extra={"fields": {
+            "records": count, "error": repr(error)}})
+
+    async def drain(self) -> None:
+        """Wait until every queued decision is durable in the write-ahead log."""
+        self._hand_over()
+        pending = list(self._pending)
+        if pending:
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in pending), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Drain, compact into Parquet and stop the writer (on shutdown, after in-flight calls)."""
+        await self.drain()
+        await self.writer.close()
