@@ -45,7 +45,7 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
 
 def _serve_one(args: argparse.Namespace) -> int:
     from model_server.app import ModelServerConfig, build
-    from model_server.repository import VersionPolicy
+    from model_server.version_policy import VersionPolicy
     from twofold.server import ServerSettings, ServiceSetup, run_service
 
     config = ModelServerConfig(
@@ -68,7 +68,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         problems.append("--workers must be at least 1")
     try:
-        from model_server.repository import VersionPolicy
+        from model_server.version_policy import VersionPolicy
 
         VersionPolicy.parse(args.version_policy)
     except ValueError as exc:

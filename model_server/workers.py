@@ -46,6 +46,10 @@ def run_workers(args: argparse.Namespace, serve_one: Callable[[argparse.Namespac
     from twofold.logs import configure_logging
 
     configure_logging(args.log_level, args.log_format)
+    if "prometheus_client" in sys.modules:
+        # Metrics created before the environment variable below would not be shared.
+        raise RuntimeError("prometheus_client was imported before the workers were forked; "
+                           "model metrics would not be merged across workers")
     metrics_dir = tempfile.mkdtemp(prefix="twofold-model-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     reserved = None
