@@ -95,6 +95,8 @@ class PolicyConfig:
     draws: int = 64             # Thompson: posterior draws per decision (M)
     floor: float = 0.01
     ridge: float = 1.0
+    # epsilon-greedy only: "linear" (ridge per arm) or "xgboost" (a reward model over [context, arm]).
+    base: str = "linear"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, n_arms: int) -> None:
@@ -104,6 +106,8 @@ class PolicyConfig:
             raise ValueError(f"floor must be within (0, 1/K] = (0, {1.0 / n_arms:.4g}]; got {self.floor}")
         if not 0 <= self.epsilon <= 1:
             raise ValueError("epsilon must be within [0, 1]")
+        if self.base not in ("linear", "xgboost") or (self.base == "xgboost" and self.policy != "epsilon-greedy"):
+            raise ValueError("base must be linear, or xgboost for epsilon-greedy")
         if self.alpha < 0 or self.scale < 0 or self.draws < 1:
             raise ValueError("alpha and scale must be >= 0 and draws >= 1")
 
@@ -111,16 +115,31 @@ class PolicyConfig:
         return 1 + (2 * self.draws * n_arms if self.policy == "thompson" else 0)
 
 
-def build_policy_graph(stats: LinearArms, config: PolicyConfig) -> bytes:
-    """The policy as a serialized ONNX model (see the module docstring for its signature)."""
+def build_policy_graph(stats: LinearArms | None, config: PolicyConfig, *, base: bytes | None = None,
+                       n_arms: int | None = None, width: int | None = None) -> bytes:
+    """The policy as a serialized ONNX model (see the module docstring for its signature).
+
+    With `base` (a serialized ONNX predictor, e.g. an exported XGBoost classifier whose input
+    is [context, one-hot arm]), epsilon-greedy scores each arm with that model inside the same
+    graph instead of with the linear statistics: "epsilon-greedy over a base model".
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    n_arms, dim = stats.theta.shape
-    width = dim - 1
+    if base is None:
+        assert stats is not None, "linear statistics or a base model are required"
+        n_arms, dim = stats.theta.shape
+        width = dim - 1
+    else:
+        if config.policy != "epsilon-greedy":
+            raise ValueError("a base model is only supported for epsilon-greedy")
+        if n_arms is None or width is None:
+            raise ValueError("n_arms and width are required with a base model")
+        dim = width + 1
     config.validate(n_arms)
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
+    opsets = {"": OPSET}
 
     def const(name: str, value: Any, dtype: Any = np.float32) -> str:
         inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
@@ -137,8 +156,12 @@ def build_policy_graph(stats: LinearArms, config: PolicyConfig) -> bytes:
     ones = node("ConstantOfShape", [ones_shape], "ones",
                 value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0]))
     z = node("Concat", ["context", ones], "z", axis=1)
-    mu = node("MatMul", [z, const("theta_t", stats.theta.T)], "mu")                      # [N, K]
     k_axis = const("axis1", [1], np.int64)
+    if base is None:
+        assert stats is not None
+        mu = node("MatMul", [z, const("theta_t", stats.theta.T)], "mu")                  # [N, K]
+    else:
+        mu = _score_with_base(base, n_arms, width, rows, node, const, nodes, inits, opsets)
 
     def greedy(scores: str, tag: str) -> str:
         top = node("ReduceMax", [scores], f"{tag}_max", axes=[1], keepdims=1)
@@ -202,10 +225,81 @@ def build_policy_graph(stats: LinearArms, config: PolicyConfig) -> bytes:
          helper.make_tensor_value_info("arm", TensorProto.INT64, ["N"]),
          helper.make_tensor_value_info("propensity", TensorProto.FLOAT, ["N"])],
         inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="twofold")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
+                              producer_name="twofold")
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model.SerializeToString()
+
+
+def _score_with_base(base: bytes, n_arms: int, width: int, rows: str, node: Any, const: Any,
+                     nodes: list[Any], inits: list[Any], opsets: dict[str, int]) -> str:
+    """Inline `base` into the policy graph: score every (context, arm) pair, return [N, K] scores.
+
+    Each context row is repeated once per arm and joined with that arm's one-hot indicator,
+    the base model scores the N*K rows in one call, and its last output column (the positive
+    class probability, or the regression value) becomes the arm's score.
+    """
+    import onnx
+    from onnx import compose
+
+    model = onnx.load_from_string(base)
+    if len(model.graph.input) != 1:
+        raise ValueError("the base model must have exactly one input")
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > OPSET:
+            raise ValueError(f"the base model uses opset {opset.version}; at most {OPSET} is supported")
+        if opset.domain not in ("", "ai.onnx"):
+            opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
+    model = compose.add_prefix(model, "base_")
+    base_input = model.graph.input[0].name
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    if dims and dims[-1].HasField("dim_value") and dims[-1].dim_value != width + n_arms:
+        raise ValueError(f"the base model takes {dims[-1].dim_value} columns; expected {width} context features "
+                         f"+ {n_arms} arm indicators = {width + n_arms}")
+    outputs = {o.name: o for o in model.graph.output}
+    score_name = "base_probabilities" if "base_probabilities" in outputs else model.graph.output[-1].name
+    k = const("k_dim", [n_arms], np.int64)
+    d = const("d_dim", [width], np.int64)
+    ctx3 = node("Unsqueeze", ["context", const("ax1", [1], np.int64)], "ctx3")
+    ctx_k = node("Expand", [ctx3, node("Concat", [rows, k, d], "nkd", axis=0)], "ctx_k")
+    eye = const("arm_eye", np.eye(n_arms, dtype=np.float32)[None, :, :])
+    eye_n = node("Expand", [eye, node("Concat", [rows, k, k], "nkk", axis=0)], "eye_n")
+    joined = node("Concat", [ctx_k, eye_n], "joined", axis=2)
+    node("Reshape", [joined, const("flat_shape", [-1, width + n_arms], np.int64)], base_input)
+    nodes.extend(model.graph.node)
+    inits.extend(model.graph.initializer)
+    last = node("Slice", [score_name, const("last_s", [-1], np.int64), const("last_e", [2**62], np.int64),
+                          const("last_ax", [1], np.int64)], "base_last")
+    return node("Reshape", [last, const("nk_shape", [-1, n_arms], np.int64)], "mu")
+
+
+def train_reward_model(x: np.ndarray, arms: np.ndarray, rewards: np.ndarray, n_arms: int,
+                       params: dict[str, Any] | None = None, seed: int = 0) -> tuple[bytes, dict[str, Any]]:
+    """An XGBoost model of reward given [context, one-hot arm], exported to ONNX with a parity check.
+
+    Binary rewards train a classifier (the score is P(reward)); other rewards a regressor.
+    """
+    import xgboost as xgb
+
+    from model_server.export_xgboost import _convert, _wrap, check_parity
+
+    x = np.asarray(x, dtype=np.float32)
+    features = np.hstack([x, np.eye(n_arms, dtype=np.float32)[np.asarray(arms, dtype=np.int64)]])
+    rewards = np.asarray(rewards, dtype=np.float64)
+    binary = bool(np.isin(rewards, (0.0, 1.0)).all())
+    settings = {"n_estimators": 100, "max_depth": 4, "learning_rate": 0.1, "random_state": seed, **(params or {})}
+    if binary and len(np.unique(rewards)) == 2:
+        model: Any = xgb.XGBClassifier(**settings).fit(features, rewards.astype(int))
+    else:
+        model = xgb.XGBRegressor(**settings).fit(features, rewards)
+    wrapped, kind = _wrap(model.get_booster())
+    graph = _convert(wrapped, features.shape[1])
+    parity = check_parity(graph, wrapped, kind, features[: min(len(features), 1000)])
+    if not parity.passed:
+        raise ValueError(f"the reward model's ONNX export differs from XGBoost by {parity.max_abs_diff:.3g}")
+    return graph, {"base": "xgboost", "base_kind": kind, "base_params": settings,
+                   "base_parity_max_abs_diff": parity.max_abs_diff}
 
 
 def policy_manifest(name: str, arms: Sequence[str], feature_names: Sequence[str], config: PolicyConfig,
@@ -221,10 +315,30 @@ def policy_manifest(name: str, arms: Sequence[str], feature_names: Sequence[str]
         random_width=config.random_width(n_arms), training=training, evaluation=evaluation or {})
 
 
-def policy_training_info(config: PolicyConfig, stats: LinearArms) -> dict[str, Any]:
+def policy_training_info(config: PolicyConfig, counts: np.ndarray) -> dict[str, Any]:
     return {"policy": config.policy, "alpha": config.alpha, "epsilon": config.epsilon, "scale": config.scale,
-            "draws": config.draws, "floor": config.floor, "ridge": config.ridge,
-            "rows_per_arm": stats.counts.tolist(), **config.extra}
+            "draws": config.draws, "floor": config.floor, "ridge": config.ridge, "base": config.base,
+            "rows_per_arm": np.asarray(counts).tolist(), **config.extra}
+
+
+def fit_policy(x: np.ndarray, arms: np.ndarray, rewards: np.ndarray, n_arms: int,
+               config: PolicyConfig) -> tuple[bytes, dict[str, Any]]:
+    """Fit the configured policy on logged rows; return its graph and training metadata."""
+    counts = np.bincount(np.asarray(arms, dtype=np.int64), minlength=n_arms)
+    if config.base == "xgboost":
+        base, info = train_reward_model(x, arms, rewards, n_arms)
+        graph = build_policy_graph(None, config, base=base, n_arms=n_arms, width=np.asarray(x).shape[1])
+        return graph, {**policy_training_info(config, counts), **info}
+    stats = fit_linear_arms(x, arms, rewards, n_arms, config.ridge)
+    return build_policy_graph(stats, config), policy_training_info(config, counts)
+
+
+def publish_policy_graph(*, repository: str | os.PathLike[str], name: str, arms: Sequence[str],
+                         feature_names: Sequence[str], graph: bytes, config: PolicyConfig,
+                         training: dict[str, Any], evaluation: dict[str, Any] | None = None) -> Published:
+    """Publish an already built policy graph as the next version of `name`."""
+    manifest = policy_manifest(name, arms, feature_names, config, training, evaluation)
+    return publish(repository, manifest, graph)
 
 
 def publish_policy(*, repository: str | os.PathLike[str], name: str, arms: Sequence[str],
@@ -234,6 +348,6 @@ def publish_policy(*, repository: str | os.PathLike[str], name: str, arms: Seque
     if stats.theta.shape != (len(arms), len(feature_names) + 1):
         raise ValueError(f"statistics for {stats.theta.shape[0]} arms x {stats.theta.shape[1] - 1} features "
                          f"do not match {len(arms)} arms x {len(feature_names)} feature names")
-    graph = build_policy_graph(stats, config)
-    manifest = policy_manifest(name, arms, feature_names, config, policy_training_info(config, stats), evaluation)
-    return publish(repository, manifest, graph)
+    return publish_policy_graph(repository=repository, name=name, arms=arms, feature_names=feature_names,
+                                graph=build_policy_graph(stats, config), config=config,
+                                training=policy_training_info(config, stats.counts), evaluation=evaluation)

@@ -148,6 +148,8 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
     bandit.add_argument("--draws", type=int, help="Thompson draws per decision")
     bandit.add_argument("--floor", type=float, help="minimum propensity of every arm")
     bandit.add_argument("--ridge", type=float, help="ridge regularisation")
+    bandit.add_argument("--base", choices=["linear", "xgboost"],
+                        help="epsilon-greedy's reward model: ridge per arm, or XGBoost over [context, arm]")
     bandit.add_argument("--arms", help="comma-separated arm names (default: the published version's)")
     bandit.add_argument("--features", help="comma-separated feature names (default: the published version's)")
     bandit.add_argument("--holdout", type=float, default=0.2,
@@ -224,12 +226,13 @@ def _run_train_bandit(args: argparse.Namespace) -> dict[str, Any]:
 
     arms = [a.strip() for a in args.arms.split(",")] if args.arms else None
     features = [f.strip() for f in args.features.split(",")] if args.features else None
-    knobs = {k: getattr(args, k) for k in ("alpha", "epsilon", "scale", "draws", "floor", "ridge")
+    knobs = {k: getattr(args, k) for k in ("alpha", "epsilon", "scale", "draws", "floor", "ridge", "base")
              if getattr(args, k) is not None}
     current = latest_manifest(args.repository, args.model)
     base: dict[str, Any] = {}
     if current is not None and current.is_policy:
-        base = {k: current.training[k] for k in ("policy", "alpha", "epsilon", "scale", "draws", "floor", "ridge")
+        base = {k: current.training[k] for k in ("policy", "alpha", "epsilon", "scale", "draws", "floor", "ridge",
+                                                  "base")
                 if k in current.training}
     if args.policy:
         base["policy"] = args.policy

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from model_server.bandits import PolicyConfig, build_policy_graph, fit_linear_arms, publish_policy, untrained_arms
+from model_server.bandits import PolicyConfig, fit_policy, publish_policy, publish_policy_graph, untrained_arms
 from model_server.export_xgboost import ExportError, export_model, export_model_file, train_xgboost
 from model_server.lake_training import load_decisions
 from model_server.manifest import MANIFEST_FILE, Manifest, read_manifest
@@ -97,10 +97,10 @@ def train_bandit(x: np.ndarray, arms: Sequence[str] | np.ndarray, rewards: np.nd
         raise ValueError("no logged rows with a known arm")
     info = {"rows_dropped_unknown_arm": dropped, **(extra_training or {})}
     if propensities is None:
-        stats = fit_linear_arms(x, arm_idx, rewards, len(arm_names), config.ridge)
-        cfg = PolicyConfig(**{**config.__dict__, "extra": {**config.extra, **info, "evaluated": False}})
-        published = publish_policy(repository=repository, name=name, arms=arm_names, feature_names=feature_names,
-                                   stats=stats, config=cfg)
+        graph, training = fit_policy(x, arm_idx, rewards, len(arm_names), config)
+        published = publish_policy_graph(repository=repository, name=name, arms=arm_names,
+                                         feature_names=feature_names, graph=graph, config=config,
+                                         training={**training, **info, "evaluated": False})
         return BanditResult(published, None, "no propensities: published without evaluation", len(x), 0, dropped)
     props = np.asarray(propensities, dtype=np.float64)[known]
     n_eval = round(len(x) * holdout_fraction)
@@ -108,8 +108,7 @@ def train_bandit(x: np.ndarray, arms: Sequence[str] | np.ndarray, rewards: np.nd
         raise ValueError(f"{len(x)} rows are too few for a {holdout_fraction:.0%} evaluation hold-out")
     train = slice(0, len(x) - n_eval) if n_eval else slice(0, len(x))
     held = slice(len(x) - n_eval, len(x)) if n_eval else slice(0, len(x))
-    stats = fit_linear_arms(x[train], arm_idx[train], rewards[train], len(arm_names), config.ridge)
-    graph = build_policy_graph(stats, config)
+    graph, training = fit_policy(x[train], arm_idx[train], rewards[train], len(arm_names), config)
     probs = policy_probabilities(graph, x[held], ids[held], config.random_width(len(arm_names)))
     target = probs[np.arange(len(probs)), arm_idx[held]]
     report = evaluate(rewards[held], props[held], target)
@@ -118,9 +117,9 @@ def train_bandit(x: np.ndarray, arms: Sequence[str] | np.ndarray, rewards: np.nd
         return BanditResult(None, report, reason, train.stop - train.start, held.stop - held.start, dropped)
     evaluation = {**report.to_dict(), "gate": gate_rule, "decision": reason,
                   "in_sample": n_eval == 0}
-    cfg = PolicyConfig(**{**config.__dict__, "extra": {**config.extra, **info}})
-    published = publish_policy(repository=repository, name=name, arms=arm_names, feature_names=feature_names,
-                               stats=stats, config=cfg, evaluation=evaluation)
+    published = publish_policy_graph(repository=repository, name=name, arms=arm_names,
+                                     feature_names=feature_names, graph=graph, config=config,
+                                     training={**training, **info}, evaluation=evaluation)
     return BanditResult(published, report, reason, train.stop - train.start, held.stop - held.start, dropped)
 
 
@@ -164,7 +163,7 @@ def train_bandit_from_lake(lake: str | os.PathLike[str], *, repository: str | os
             config = PolicyConfig(policy=str(t.get("policy", "linucb")), alpha=float(t.get("alpha", 1.0)),
                                   epsilon=float(t.get("epsilon", 0.1)), scale=float(t.get("scale", 1.0)),
                                   draws=int(t.get("draws", 64)), floor=float(t.get("floor", 0.01)),
-                                  ridge=float(t.get("ridge", 1.0)))
+                                  ridge=float(t.get("ridge", 1.0)), base=str(t.get("base", "linear")))
         else:
             config = PolicyConfig()
     logged = load_decisions(lake, name, reward_event, window, reward, as_of=as_of, since=since)

@@ -193,3 +193,37 @@ def test_train_bandit_learns_and_gates(tmp_path: Path) -> None:
                            arm_names=ARMS, feature_names=CONTEXT, gate_rule="better")
     assert refused.published is None and "not confidently better" in refused.reason
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["1"]
+
+
+def test_epsilon_greedy_over_an_xgboost_base_model(tmp_path: Path) -> None:
+    from model_server.bandits import train_reward_model
+
+    x, arms, rewards = bandit_log(6000, seed=13)
+    config = PolicyConfig(policy="epsilon-greedy", epsilon=0.2, floor=0.02, base="xgboost")
+    base, info = train_reward_model(x, arms, rewards, len(ARMS), params={"n_estimators": 30})
+    assert info["base_kind"] == "xgboost-classifier" and info["base_parity_max_abs_diff"] <= 1e-5
+    graph = build_policy_graph(None, config, base=base, n_arms=3, width=3)
+    rows = np.random.default_rng(14).normal(size=(50, 3))
+    out = run(graph, rows, [str(i) for i in range(50)], 1)
+    # Scores are the base model's P(reward) for each (context, arm) pair, run on its own.
+    base_session = session(base)
+    for k in range(3):
+        pairs = np.hstack([rows, np.tile(np.eye(3)[k], (50, 1))]).astype(np.float32)
+        expected = base_session.run(["probabilities"], {"input": pairs})[0][:, 1]
+        np.testing.assert_allclose(out["scores"][:, k], expected, atol=1e-6)
+    greedy = out["scores"].argmax(axis=1)
+    p = np.full((50, 3), 0.2 / 3)
+    p[np.arange(50), greedy] += 0.8
+    np.testing.assert_allclose(out["probabilities"], 0.94 * p + 0.02, atol=1e-6)
+    # Through the training API, gated and published, then served like any other policy.
+    result = train_bandit(x, arms, rewards, propensities=np.full(len(x), 1 / 3), repository=tmp_path, name="xg",
+                          arm_names=ARMS, feature_names=CONTEXT, config=config, gate_rule="better")
+    assert result.published is not None, result.reason
+    manifest = read_manifest(result.published.path)
+    assert manifest.kind == "bandit-epsilon-greedy" and manifest.training["base"] == "xgboost"
+    with BackgroundLoop() as loop:
+        repo = ModelRepository(tmp_path, poll_seconds=0)
+        loop.run(repo.refresh())
+        model = repo.get("xg")
+        assert model.decide(np.array([[2.0, -2.0, 0.0]], dtype=np.float32), "d")[0].argmax() == 0
+        assert model.decide(np.array([[-2.0, 2.0, 0.0]], dtype=np.float32), "d")[0].argmax() == 1
