@@ -127,3 +127,13 @@ def test_cli_trains_from_parquet_and_csv(tmp_path: Path) -> None:
     bad = _cli("xgboost", "--data", str(tmp_path / "train.csv"), "--label", "nope", "--model", "m",
                "--repository", str(repo))
     assert bad.returncode == 2 and "label column 'nope' is not in the data" in bad.stderr
+    # An existing model file, with the table supplying feature names and parity rows.
+    model = xgb.XGBClassifier(n_estimators=15).fit(x, y)
+    model.save_model(tmp_path / "existing.json")
+    exported = _cli("xgboost", "--from-model", str(tmp_path / "existing.json"), "--data",
+                    str(tmp_path / "train.parquet"), "--label", "label", "--model", "m", "--repository", str(repo))
+    assert exported.returncode == 0, exported.stderr
+    out = json.loads(exported.stdout)
+    assert (out["version"], out["features"]) == ("3", FEATURES)
+    assert out["training"]["parity"]["rows"] == 600 and out["training"]["parity"]["max_abs_diff"] <= 1e-5
+    assert np.max(np.abs(run_onnx(repo / "m" / "3", x, "probabilities") - model.predict_proba(x))) <= 1e-5
