@@ -8,6 +8,8 @@ and 5 arms. Printed:
 
 - single-row Predict and Decide at concurrency 1 and 32: p50, p99, calls/s and ratios to echo
   (goals: p50 <= 1.15x echo, throughput >= 0.85x echo);
+- server CPU time per call (user + system, from /proc, all workers), a figure that a busy shared
+  machine distorts far less than wall-clock latency;
 - Score of 100 candidates: server-side time per call (the server's own handling-time metric,
   mean and p50 from its histogram; goal <= 300 µs) and candidate rows scored per second.
 
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import tempfile
 import time
 import urllib.request
@@ -74,7 +78,33 @@ async def closed_loop(call: Call, concurrency: int, calls: int) -> tuple[np.ndar
     return latencies, time.perf_counter() - started
 
 
-async def interleaved(named_calls: dict[str, Call], concurrency: int, calls: int, rounds: int) -> list[LoadResult]:
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (the workers of `--workers N`)."""
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                queue.extend(int(c) for c in (task / "children").read_text().split())
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a server process and its workers (Linux /proc)."""
+    total = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+CPU_PER_CALL: dict[tuple[str, int], float] = {}
+
+
+async def interleaved(named_calls: dict[str, Call], concurrency: int, calls: int, rounds: int,
+                      pids: dict[str, int] | None = None) -> list[LoadResult]:
     """Measure each call in alternating rounds, so a noisy neighbour hurts every series alike.
 
     The machine is shared: measuring the baseline and the server back to back in one block each
@@ -85,21 +115,26 @@ async def interleaved(named_calls: dict[str, Call], concurrency: int, calls: int
             await call()
     samples: dict[str, list[np.ndarray]] = {name: [] for name in named_calls}
     elapsed = dict.fromkeys(named_calls, 0.0)
+    cpu = dict.fromkeys(named_calls, 0.0)
     for _ in range(rounds):
         for name, call in named_calls.items():
+            pid = (pids or {}).get(name)
+            before = cpu_seconds(pid) if pid else 0.0
             lat, took = await closed_loop(call, concurrency, calls // rounds)
+            cpu[name] += (cpu_seconds(pid) - before) if pid else 0.0
             samples[name].append(lat)
             elapsed[name] += took
     results = []
     for name, parts in samples.items():
         lat = np.concatenate(parts)
+        CPU_PER_CALL[(name, concurrency)] = cpu[name] / len(lat)
         results.append(LoadResult(name, concurrency, len(lat), float(np.percentile(lat, 50) * 1e6),
                                   float(np.percentile(lat, 99) * 1e6), len(lat) / elapsed[name]))
     return results
 
 
 async def run_single_row(echo_target: str, model_target: str, concurrency: int, calls: int,
-                         rounds: int) -> list[LoadResult]:
+                         rounds: int, pids: dict[str, int]) -> list[LoadResult]:
     """Bare echo, one-row Predict and Decide, interleaved."""
     async with grpc.aio.insecure_channel(echo_target) as echo_channel, \
             grpc.aio.insecure_channel(model_target) as model_channel:
@@ -116,7 +151,7 @@ async def run_single_row(echo_target: str, model_target: str, concurrency: int, 
                                                         dense=context))
         return await interleaved({"bare echo": lambda: echo.Echo(echo_request),
                                   "Predict 1 row": lambda: model.Predict(predict),
-                                  "Decide": decide}, concurrency, calls, rounds)
+                                  "Decide": decide}, concurrency, calls, rounds, pids)
 
 
 async def run_score(model_target: str, calls: int) -> LoadResult:
@@ -179,16 +214,21 @@ def main() -> None:
     try:
         table = []
         for concurrency in (1, 32):
+            pids = {"bare echo": echo.pid, "Predict 1 row": model.pid, "Decide": model.pid}
             base, *ours = asyncio.run(run_single_row(echo_target, model_target, concurrency, args.calls,
-                                                     args.rounds))
-            table.append((base.name, concurrency, base.p50_us, base.p99_us, base.throughput, "1.00x", "1.00x"))
+                                                     args.rounds, pids))
+            base_cpu = CPU_PER_CALL[(base.name, concurrency)]
+            table.append((base.name, concurrency, base.p50_us, base.p99_us, base.throughput, "1.00x", "1.00x",
+                          base_cpu * 1e6, "1.00x"))
             for result in ours:
                 p50_ratio, tput_ratio = result.ratio_to(base)
+                cpu = CPU_PER_CALL[(result.name, concurrency)]
                 table.append((result.name, concurrency, result.p50_us, result.p99_us, result.throughput,
-                              f"{p50_ratio:.2f}x", f"{tput_ratio:.2f}x"))
+                              f"{p50_ratio:.2f}x", f"{tput_ratio:.2f}x", cpu * 1e6, f"{cpu / base_cpu:.2f}x"))
         print(f"model server ({args.workers} worker{'s' if args.workers > 1 else ''}) vs bare grpc.aio echo, "
               f"{args.calls} calls per row in {args.rounds} interleaved rounds")
-        print_table(table, ("call", "conc", "p50 µs", "p99 µs", "calls/s", "p50 vs echo", "tput vs echo"))
+        print_table(table, ("call", "conc", "p50 µs", "p99 µs", "calls/s", "p50 vs echo", "tput vs echo",
+                            "server CPU µs/call", "CPU vs echo"))
 
         handling, model_time = "grpc_server_handling_seconds", "twofold_model_latency_seconds"
         h0, s0, c0 = histogram(info["metrics_port"], handling, "Score")
