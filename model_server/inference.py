@@ -69,10 +69,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except RequestError as error:
             await refuse(context, error, request.name, None)
             raise AssertionError("unreachable") from None
-        served = self.repository.snapshot.models[model.name]
+        served = self.repository.snapshot.models.get(model.name)  # None if it vanished meanwhile
+        versions = list(served.versions) if served is not None else [model.version]
         inputs, outputs = model.io_metadata()
         meta = pb.ModelMetadataResponse
-        return meta(name=model.name, versions=list(served.versions), platform=PLATFORM,
+        return meta(name=model.name, versions=versions, platform=PLATFORM,
                     inputs=[meta.TensorMetadata(name=n, datatype=d, shape=s) for n, d, s in inputs],
                     outputs=[meta.TensorMetadata(name=n, datatype=d, shape=s) for n, d, s in outputs])
 
