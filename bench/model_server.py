@@ -134,24 +134,42 @@ async def interleaved(named_calls: dict[str, Call], concurrency: int, calls: int
 
 
 async def run_single_row(echo_target: str, model_target: str, concurrency: int, calls: int,
-                         rounds: int, pids: dict[str, int]) -> list[LoadResult]:
-    """Bare echo, one-row Predict and Decide, interleaved."""
-    async with grpc.aio.insecure_channel(echo_target) as echo_channel, \
-            grpc.aio.insecure_channel(model_target) as model_channel:
-        echo = echo_pb2_grpc.EchoServiceStub(echo_channel)
-        model = model_pb2_grpc.ModelServiceStub(model_channel)
+                         rounds: int, pids: dict[str, int], connections: int) -> list[LoadResult]:
+    """Bare echo, one-row Predict and Decide, interleaved.
+
+    Calls rotate over `connections` channels per server: with `--workers N` the kernel spreads
+    connections (not calls) over the workers, so one channel would reach one worker only.
+    """
+    # A distinct channel argument stops gRPC from sharing one subchannel between the channels.
+    def channels(target: str) -> list[grpc.aio.Channel]:
+        return [grpc.aio.insecure_channel(target, options=[("twofold.bench.connection", i)])
+                for i in range(connections)]
+
+    echo_channels, model_channels = channels(echo_target), channels(model_target)
+    try:
+        echo = [echo_pb2_grpc.EchoServiceStub(c) for c in echo_channels]
+        model = [model_pb2_grpc.ModelServiceStub(c) for c in model_channels]
         # The echo payload is as large as a one-row Predict's features (20 float32 as raw bytes).
         echo_request = echo_pb2.EchoRequest(payload=b"x" * (WIDTH * 4 + 16))
         predict = model_pb2.PredictRequest(model="ranker", dense=rows(1))
         context = rows(1)
         counter = iter(range(10**12))
 
-        def decide() -> Awaitable[object]:
-            return model.Decide(model_pb2.DecideRequest(model="bandit", unit=f"u{next(counter) % 1000}",
-                                                        dense=context))
-        return await interleaved({"bare echo": lambda: echo.Echo(echo_request),
-                                  "Predict 1 row": lambda: model.Predict(predict),
-                                  "Decide": decide}, concurrency, calls, rounds, pids)
+        def echo_call() -> Awaitable[object]:
+            return echo[next(counter) % connections].Echo(echo_request)
+
+        def predict_call() -> Awaitable[object]:
+            return model[next(counter) % connections].Predict(predict)
+
+        def decide_call() -> Awaitable[object]:
+            n = next(counter)
+            return model[n % connections].Decide(model_pb2.DecideRequest(model="bandit", unit=f"u{n % 1000}",
+                                                                         dense=context))
+        return await interleaved({"bare echo": echo_call, "Predict 1 row": predict_call, "Decide": decide_call},
+                                 concurrency, calls, rounds, pids)
+    finally:
+        for channel in echo_channels + model_channels:
+            await channel.close()
 
 
 async def run_score(model_target: str, calls: int) -> LoadResult:
@@ -187,7 +205,10 @@ def main() -> None:
     parser.add_argument("--score-calls", type=int, default=5_000)
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds per concurrency")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--connections", type=int, default=0,
+                        help="client connections per server (default: 1, or 4 per worker with --workers)")
     args = parser.parse_args()
+    args.connections = args.connections or (1 if args.workers == 1 else 4 * args.workers)
     folder = Path(tempfile.mkdtemp(prefix="twofold-bench-model-"))
     build_repository(folder / "repo")
     echo, echo_info = spawn(["serve-echo", "--bare", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1"])
@@ -200,7 +221,7 @@ def main() -> None:
         for concurrency in (1, 32):
             pids = {"bare echo": echo.pid, "Predict 1 row": model.pid, "Decide": model.pid}
             base, *ours = asyncio.run(run_single_row(echo_target, model_target, concurrency, args.calls,
-                                                     args.rounds, pids))
+                                                     args.rounds, pids, args.connections))
             base_cpu = CPU_PER_CALL[(base.name, concurrency)]
             table.append((base.name, concurrency, base.p50_us, base.p99_us, base.throughput, "1.00x", "1.00x",
                           base_cpu * 1e6, "1.00x"))
@@ -210,7 +231,7 @@ def main() -> None:
                 table.append((result.name, concurrency, result.p50_us, result.p99_us, result.throughput,
                               f"{p50_ratio:.2f}x", f"{tput_ratio:.2f}x", cpu * 1e6, f"{cpu / base_cpu:.2f}x"))
         print(f"model server ({args.workers} worker{'s' if args.workers > 1 else ''}) vs bare grpc.aio echo, "
-              f"{args.calls} calls per row in {args.rounds} interleaved rounds")
+              f"{args.calls} calls per row in {args.rounds} interleaved rounds, {args.connections} connection(s)")
         print_table(table, ("call", "conc", "p50 µs", "p99 µs", "calls/s", "p50 vs echo", "tput vs echo",
                             "server CPU µs/call", "CPU vs echo"))
 
