@@ -38,9 +38,9 @@ METHODS = ("Predict", "Score", "Decide", "ModelInfer")
 class MethodMetrics:
     """Pre-bound children for one (model, version, method)."""
 
-    requests: object
-    latency: object
-    batch: object
+    requests: Counter
+    latency: Histogram
+    batch: Histogram
 
 
 class VersionMetrics:
@@ -53,13 +53,13 @@ class VersionMetrics:
                                          BATCH_SIZE.labels(model, m)) for m in METHODS}
         self.decisions = [DECISIONS.labels(model, version, arm) for arm in arms]
         self.propensity = PROPENSITY.labels(model)
-        self._failures: dict[str, object] = {}
+        self._failures: dict[str, Counter] = {}
 
     def failure(self, reason: str) -> None:
         child = self._failures.get(reason)
         if child is None:
             child = self._failures[reason] = FAILURES.labels(self.model, self.version, reason)
-        child.inc()  # type: ignore[attr-defined]
+        child.inc()
 
 
 def count_failure(model: str, version: str, reason: str) -> None:

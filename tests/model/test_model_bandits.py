@@ -10,7 +10,7 @@ import pytest
 from scipy import linalg, stats
 from statsmodels.stats.weightstats import DescrStatsW
 
-from model_server.bandits import PolicyConfig, build_policy_graph, fit_linear_arms, untrained_arms
+from model_server.bandits import LinearArms, PolicyConfig, build_policy_graph, fit_linear_arms, untrained_arms
 from model_server.manifest import read_manifest
 from model_server.offline_eval import evaluate, gate
 from model_server.randomness import uniforms, uniforms_for
@@ -19,6 +19,8 @@ from model_server.runtime import session_options
 from model_server.training import init_bandit, train_bandit
 from tests.model.conftest import ARMS, CONTEXT, bandit_log
 from twofold.testing import BackgroundLoop
+
+Fitted = tuple[np.ndarray, np.ndarray, np.ndarray, LinearArms]
 
 
 def session(graph: bytes) -> ort.InferenceSession:
@@ -32,12 +34,12 @@ def run(graph: bytes, x: np.ndarray, ids: list[str], width: int) -> dict[str, np
 
 
 @pytest.fixture(scope="module")
-def fitted():  # type: ignore[no-untyped-def]
+def fitted() -> Fitted:
     x, arms, rewards = bandit_log(4000, seed=3)
     return x, arms, rewards, fit_linear_arms(x, arms, rewards, len(ARMS), ridge=1.0)
 
 
-def test_ridge_fit_matches_least_squares(fitted) -> None:  # type: ignore[no-untyped-def]
+def test_ridge_fit_matches_least_squares(fitted: Fitted) -> None:
     x, arms, rewards, stats_ = fitted
     for k in range(len(ARMS)):
         z = np.hstack([x[arms == k], np.ones(((arms == k).sum(), 1))])
@@ -49,7 +51,7 @@ def test_ridge_fit_matches_least_squares(fitted) -> None:  # type: ignore[no-unt
         np.testing.assert_allclose(stats_.a_inv[k], np.linalg.inv(z.T @ z + np.eye(z.shape[1])), atol=1e-12)
 
 
-def test_linucb_scores_and_propensities(fitted) -> None:  # type: ignore[no-untyped-def]
+def test_linucb_scores_and_propensities(fitted: Fitted) -> None:
     _, _, _, st = fitted
     config = PolicyConfig(policy="linucb", alpha=0.7, floor=0.05)
     rows = np.random.default_rng(5).normal(size=(500, 3))
@@ -63,7 +65,7 @@ def test_linucb_scores_and_propensities(fitted) -> None:  # type: ignore[no-unty
     np.testing.assert_allclose(out["propensity"], expected[np.arange(500), out["arm"]], atol=1e-6)
 
 
-def test_thompson_probabilities_equal_a_numpy_replay_of_the_draws(fitted) -> None:  # type: ignore[no-untyped-def]
+def test_thompson_probabilities_equal_a_numpy_replay_of_the_draws(fitted: Fitted) -> None:
     _, _, _, st = fitted
     config = PolicyConfig(policy="thompson", scale=2.0, draws=16, floor=0.01)
     rows = np.random.default_rng(6).normal(size=(200, 3))
@@ -84,7 +86,7 @@ def test_thompson_probabilities_equal_a_numpy_replay_of_the_draws(fitted) -> Non
     np.testing.assert_allclose(out["scores"], mu, rtol=1e-5, atol=1e-5)
 
 
-def test_epsilon_greedy_and_untrained_policies(fitted) -> None:  # type: ignore[no-untyped-def]
+def test_epsilon_greedy_and_untrained_policies(fitted: Fitted) -> None:
     _, _, _, st = fitted
     rows = np.random.default_rng(7).normal(size=(300, 3))
     out = run(build_policy_graph(st, PolicyConfig(policy="epsilon-greedy", epsilon=0.3, floor=0.01)), rows,
@@ -100,7 +102,7 @@ def test_epsilon_greedy_and_untrained_policies(fitted) -> None:  # type: ignore[
 
 
 @pytest.mark.parametrize("policy", ["linucb", "thompson", "epsilon-greedy"])
-def test_arms_are_drawn_from_the_stated_distribution(fitted, policy: str) -> None:  # type: ignore[no-untyped-def]
+def test_arms_are_drawn_from_the_stated_distribution(fitted: Fitted, policy: str) -> None:
     """Across many decision ids for one context, arm frequencies match `probabilities` (chi-square)."""
     _, _, _, st = fitted
     config = PolicyConfig(policy=policy, epsilon=0.4, floor=0.1, draws=8, scale=3.0)
