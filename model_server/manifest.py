@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 MANIFEST_FILE = "manifest.json"
+# Model names become folder names: no separators, no leading dot (hidden/temporary folders).
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MODEL_FILE = "model.onnx"
 FORMAT_VERSION = 1
 
@@ -107,6 +110,8 @@ class Manifest:
         """Refuse manifests that a server could not serve correctly."""
         if self.format != FORMAT_VERSION:
             raise ManifestError(f"unsupported manifest format {self.format} (this server reads {FORMAT_VERSION})")
+        if not MODEL_NAME.fullmatch(self.name):
+            raise ManifestError(f"model name {self.name!r} must match {MODEL_NAME.pattern} (it names a folder)")
         if self.kind not in KINDS:
             raise ManifestError(f"unknown kind {self.kind!r}; expected one of {', '.join(KINDS)}")
         if not self.feature_names or len(set(self.feature_names)) != len(self.feature_names):

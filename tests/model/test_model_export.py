@@ -137,3 +137,12 @@ def test_cli_trains_from_parquet_and_csv(tmp_path: Path) -> None:
     assert (out["version"], out["features"]) == ("3", FEATURES)
     assert out["training"]["parity"]["rows"] == 600 and out["training"]["parity"]["max_abs_diff"] <= 1e-5
     assert np.max(np.abs(run_onnx(repo / "m" / "3", x, "probabilities") - model.predict_proba(x))) <= 1e-5
+
+
+def test_model_names_must_be_folder_safe(tmp_path: Path) -> None:
+    x, y = make_data(200, seed=29)
+    model = xgb.XGBClassifier(n_estimators=3).fit(x, y)
+    for bad in ("../escape", "a/b", ".hidden", ""):
+        with pytest.raises(ValueError, match="must match"):
+            export_model(model, name=bad, repository=tmp_path / "repo", feature_names=FEATURES, holdout=x[:10])
+    assert not (tmp_path / "escape").exists()
