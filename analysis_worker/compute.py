@@ -139,12 +139,12 @@ def _evaluate(inp: StatsInput, metrics: list[MetricInput], looks: list[float] | 
     successes = sum(m.role == "success" for m in metrics)
     guardrails = len(metrics) - successes
 
+    control_cell = {int(cells.metric[i]): i for i in range(cells.n.size) if cells.variant[i] == inp.control}
     ci_idx: list[int] = []
     ti_idx: list[int] = []
     for i in range(cells.n.size):
         if cells.variant[i] != inp.control:
-            ci_idx.append(int(np.flatnonzero((cells.metric == cells.metric[i]) &
-                                             (np.asarray(cells.variant) == inp.control))[0]))
+            ci_idx.append(control_cell[int(cells.metric[i])])
             ti_idx.append(i)
     c = np.asarray(ci_idx, dtype=np.int64)
     t = np.asarray(ti_idx, dtype=np.int64)
@@ -307,7 +307,8 @@ def _decide(inp: StatsInput, comparisons: list[dict[str, Any]], srm: dict[str, A
             reasons.append("the planned sample is not complete yet")
         else:
             recommendation = "no-ship"
-            reasons.append("the planned sample is complete without a significant win")
+            reasons.append("the planned sample is complete without a significant win" if not better else
+                           "the planned sample is complete without showing every guardrail non-inferior")
         per_variant[variant] = {"recommendation": recommendation, "reasons": reasons}
     shipping = [v for v, d in per_variant.items() if d["recommendation"] == "ship"]
     if shipping:
@@ -364,8 +365,14 @@ def compute_results(inp: StatsInput, *, computed_at: dt.datetime | None = None, 
     decision = _decide(inp, comparisons, srm, running, warnings)
 
     metric_docs: list[dict[str, Any]] = []
+    by_metric: dict[int, list[dict[str, Any]]] = {}
+    for row in comparisons:
+        by_metric.setdefault(row["metric_index"], []).append(row)
+    cells_of: dict[int, list[int]] = {}
+    for i, mi in enumerate(cells.metric.tolist()):
+        cells_of.setdefault(mi, []).append(i)
     for mi, metric in enumerate(inp.metrics):
-        mask = np.flatnonzero(cells.metric == mi)
+        mask = np.asarray(cells_of.get(mi, []), dtype=np.int64)
         doc: dict[str, Any] = {
             "metric": metric.name, "kind": metric.kind, "role": metric.role, "direction": metric.direction,
             "nim": metric.nim if metric.role == "guardrail" else None, "mde": metric.mde,
@@ -373,8 +380,7 @@ def compute_results(inp: StatsInput, *, computed_at: dt.datetime | None = None, 
                           "adjusted_mean": cells.mean[i] if metric.cuped else None,
                           "std_err": math.sqrt(cells.var_mean[i]) if cells.var_mean[i] >= 0 else None}
                          for i in mask],
-            "comparisons": [{k: v for k, v in c.items() if k != "metric_index"}
-                            for c in comparisons if c["metric_index"] == mi],
+            "comparisons": [{k: v for k, v in c.items() if k != "metric_index"} for c in by_metric.get(mi, [])],
         }
         if metric.cuped:
             doc["cuped"] = {"theta": cells.theta[mask[0]] if mask.size else None,
@@ -434,6 +440,9 @@ def _add_history(inp: StatsInput, metric_docs: list[dict[str, Any]]) -> None:
             per_metric[mi].append({"look": k, "units": look_n, "variant": row["variant"], "diff": row["diff"],
                                    "ci_lower": row["ci_lower"], "ci_upper": row["ci_upper"],
                                    "relative_diff": row["relative_diff"],
+                                   "relative_ci_lower": row["relative_ci_lower"],
+                                   "relative_ci_upper": row["relative_ci_upper"],
+                                   "statistic": row["statistic"], "significant": row["significant"],
                                    "sequential_bound": row["sequential_bound"]})
     for doc, rows in zip(metric_docs, per_metric, strict=True):
         doc["cumulative"] = rows

@@ -17,7 +17,9 @@ What the query does, in order:
 4. Per unit and metric: the value within the metric's window after the first exposure (binary:
    any event; count: number of events; sum: sum of values, a bare event counting 0), the
    denominator for ratios and the CUPED covariate (the same value in a window before exposure).
-5. Optional capping at a fixed value or at a percentile over all units of the experiment.
+5. Optional capping at a fixed value or at a percentile over all units of the experiment
+   (`PERCENTILE_CONT ... WITHIN GROUP`: exact on DuckDB and BigQuery; sqlglot maps it to
+   PERCENTILE_APPROX on Spark and APPROX_PERCENTILE on Trino, so caps there are approximate).
 6. Per variant and first-exposure day: n, sums, sums of squares and cross products, so daily
    cumulative looks can be summed up without re-reading the lake.
 """
@@ -41,7 +43,7 @@ def quote(value: str) -> str:
 
 
 def timestamp(value: dt.datetime) -> str:
-    return f"CAST({quote(value.astimezone(dt.UTC).strftime('%Y-%m-%d %H:%M:%S.%f'))} AS TIMESTAMP)"
+    return f"CAST({quote(value.astimezone(dt.UTC).strftime('%Y-%m-%d %H:%M:%S.%f+00:00'))} AS TIMESTAMPTZ)"
 
 
 def _interval(seconds: int) -> str:
@@ -125,7 +127,8 @@ def build_query(experiment: ExperimentConfig) -> str:
             elif metric.cap.value is not None:
                 capped_cols.append(f"LEAST({col}, CAST({metric.cap.value!r} AS DOUBLE)) AS {col}")
             else:
-                cap_exprs.append(f"QUANTILE_CONT({col}, {metric.cap.percentile!r}) AS cap_{col}")
+                level = metric.cap.percentile
+                cap_exprs.append(f"PERCENTILE_CONT({level!r}) WITHIN GROUP (ORDER BY {col}) AS cap_{col}")
                 capped_cols.append(f"LEAST({col}, cap_{col}) AS {col}")
         if metric.denominator is not None:
             capped_cols.append(f"d{i}")
