@@ -42,8 +42,16 @@ Array = NDArray[np.float64]
 
 
 @lru_cache(maxsize=256)
-def _gs_bound(t: tuple[float, ...], alpha: float, rho: float, sides: int) -> float:
-    return float(sequential.group_sequential_bounds(t, alpha, rho, sides)[-1])
+def _gs_bounds(t: tuple[float, ...], alpha: float, rho: float, sides: int) -> tuple[float, ...]:
+    return tuple(float(b) for b in sequential.group_sequential_bounds(t, alpha, rho, sides))
+
+
+def _gs_bound(t: tuple[float, ...], alpha: float, rho: float, sides: int, full: tuple[float, ...] | None) -> float:
+    """The bound of the last look of `t`; a look's bound depends only on the looks up to it, so
+    when `t` is a prefix of `full` (the cumulative chart's earlier looks) the full run is reused."""
+    if full is not None and len(full) >= len(t) and full[:len(t)] == t:
+        return _gs_bounds(full, alpha, rho, sides)[len(t) - 1]
+    return _gs_bounds(t, alpha, rho, sides)[-1]
 
 
 def _clean(value: Any) -> Any:
@@ -131,7 +139,7 @@ def _method(metric: MetricInput) -> str:
 
 
 def _evaluate(inp: StatsInput, metrics: list[MetricInput], looks: list[float] | None,
-              n_now: float) -> tuple[_Cells, list[dict[str, Any]]]:
+              n_now: float, all_looks: list[float] | None = None) -> tuple[_Cells, list[dict[str, Any]]]:
     """Estimates and every comparison (metric x treatment) for one snapshot of the statistics."""
     order = list(inp.expected_split)
     cells = _build_cells(metrics, inp.control, order)
@@ -192,7 +200,9 @@ def _evaluate(inp: StatsInput, metrics: list[MetricInput], looks: list[float] | 
             significant = p < alpha
     elif seq.method == "group-sequential":
         fractions = tuple(float(min(x / seq.expected_n, 1.0)) for x in (looks or [n_now]))
-        bound = np.asarray([_gs_bound(fractions, float(a), seq.rho, int(s)) for a, s in zip(alpha, sides, strict=True)])
+        full = None if all_looks is None else tuple(float(min(x / seq.expected_n, 1.0)) for x in all_looks)
+        bound = np.asarray([_gs_bound(fractions, float(a), seq.rho, int(s), full)
+                            for a, s in zip(alpha, sides, strict=True)])
         multiplier = bound
         crossed = np.where(alternative == "greater", statistic >= bound,
                            np.where(alternative == "less", statistic <= -bound, np.abs(statistic) >= bound))
@@ -387,7 +397,7 @@ def compute_results(inp: StatsInput, *, computed_at: dt.datetime | None = None, 
                             "variance_reduction": {cells.variant[i]: cells.var_reduction[i] for i in mask}}
         metric_docs.append(doc)
 
-    _add_history(inp, metric_docs)
+    _add_history(inp, metric_docs, looks)
     document: dict[str, Any] = {
         "experiment": inp.experiment,
         "computed_at": (computed_at or dt.datetime.now(dt.UTC)).isoformat().replace("+00:00", "Z"),
@@ -412,7 +422,7 @@ def compute_results(inp: StatsInput, *, computed_at: dt.datetime | None = None, 
     return _clean(document)
 
 
-def _add_history(inp: StatsInput, metric_docs: list[dict[str, Any]]) -> None:
+def _add_history(inp: StatsInput, metric_docs: list[dict[str, Any]], all_looks: list[float] | None) -> None:
     """Cumulative effect per look (for the report's chart), computed with the bounds of each look."""
     depth = max((len(m.history) for m in inp.metrics), default=0)
     if depth == 0:
@@ -432,7 +442,7 @@ def _add_history(inp: StatsInput, metric_docs: list[dict[str, Any]]) -> None:
             prior = [x for x in seq.looks if x < look_n]
             looks = [*prior, look_n]
         try:
-            _, rows = _evaluate(inp, snapshot, looks, look_n)
+            _, rows = _evaluate(inp, snapshot, looks, look_n, all_looks)
         except (ValueError, ZeroDivisionError):
             continue
         for row in rows:
