@@ -203,9 +203,10 @@ def _evaluate(inp: StatsInput, metrics: list[MetricInput], looks: list[float] | 
         full = None if all_looks is None else tuple(float(min(x / seq.expected_n, 1.0)) for x in all_looks)
         bound = np.asarray([_gs_bound(fractions, float(a), seq.rho, int(s), full)
                             for a, s in zip(alpha, sides, strict=True)])
-        multiplier = bound
-        crossed = np.where(alternative == "greater", statistic >= bound,
-                           np.where(alternative == "less", statistic <= -bound, np.abs(statistic) >= bound))
+        multiplier = hypotheses.t_equivalent(bound, df)
+        z = hypotheses.normal_equivalent(statistic, df)
+        crossed = np.where(alternative == "greater", z >= bound,
+                           np.where(alternative == "less", z <= -bound, np.abs(z) >= bound))
         significant = crossed & np.isfinite(statistic)
     else:  # always-valid
         alpha_cs = np.where(sides == 1, 2 * alpha, alpha)

@@ -29,6 +29,24 @@ def quantile(level: Array, df: Array) -> Array:
     return np.where(finite, stats.t.isf(level, safe_df), stats.norm.isf(level))
 
 
+def normal_equivalent(statistic: Array, df: Array) -> Array:
+    """The z value with the same tail probability as a t statistic (z itself where df is infinite).
+
+    Group-sequential bounds live on the normal scale; comparing a Welch t statistic with them
+    directly would be slightly anti-conservative at small samples, so it is mapped first.
+    """
+    finite = np.isfinite(df)
+    safe_df = np.where(finite & (df > 0), df, 1.0)
+    return np.where(finite, stats.norm.isf(stats.t.sf(statistic, safe_df)), statistic)
+
+
+def t_equivalent(z: Array, df: Array) -> Array:
+    """The t value with the same tail probability as the normal value `z` (inverse of the above)."""
+    finite = np.isfinite(df)
+    safe_df = np.where(finite & (df > 0), df, 1.0)
+    return np.where(finite, stats.t.isf(stats.norm.sf(z), safe_df), z)
+
+
 def p_values(statistic: Array, df: Array, alternative: NDArray[np.str_]) -> Array:
     """p-values for 'two-sided', 'greater' or 'less' alternatives (t with df, normal if df infinite)."""
     finite = np.isfinite(df)

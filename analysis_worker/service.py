@@ -55,7 +55,12 @@ class ExperimentState:
     config: ExperimentConfig | None = None
     analysis: Analysis | None = None
     computed_at: dt.datetime | None = None
+    # Last computation error (empty after a success) and the last refused edit of the definition.
     error: str = ""
+    definition_error: str = ""
+
+    def summary_error(self) -> str:
+        return "; ".join(e for e in (self.definition_error, self.error) if e)
 
 
 def _timestamp(value: dt.datetime | None) -> Timestamp | None:
@@ -105,7 +110,7 @@ class AnalysisWorker:
                 self.load_errors[source] = str(exc)
                 name = self._by_source.get(source)
                 if name:
-                    self.experiments[name].error = f"definition refused, keeping the last good one: {exc}"
+                    self.experiments[name].definition_error = f"definition refused, keeping the last good one: {exc}"
                 log.warning("experiment definition refused", extra={"fields": {"file": source, "error": str(exc)}})
                 continue
             owner = next((s.source for s in self.experiments.values()
@@ -119,6 +124,7 @@ class AnalysisWorker:
             state = self.experiments.setdefault(config.name, ExperimentState(name=config.name, source=source))
             state.config = config
             state.source = source
+            state.definition_error = ""
             self._by_source[source] = config.name
 
     def compute_one(self, state: ExperimentState) -> None:
@@ -205,7 +211,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                 name=state.name, flag=state.config.flag if state.config else "",
                 recommendation=(doc.get("decision") or {}).get("recommendation", "") if doc else "",
                 srm_mismatch=bool((doc.get("srm") or {}).get("mismatch", False)) if doc else False,
-                error=state.error)
+                error=state.summary_error())
             ts = _timestamp(state.computed_at)
             if ts is not None:
                 summary.computed_at.CopyFrom(ts)
