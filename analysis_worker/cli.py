@@ -35,6 +35,9 @@ def _configure_analyze(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sql", choices=["duckdb", "spark", "bigquery", "trino"],
                         help="print the sufficient-statistics SQL in this dialect and exit")
     parser.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: all cores)")
+    parser.add_argument("--memory-limit", default=env_default("analysis_memory_limit", None),
+                        help="DuckDB memory limit, e.g. 3GB; beyond it DuckDB spills to disk "
+                             "[TWOFOLD_ANALYSIS_MEMORY_LIMIT, default 80%% of RAM]")
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
@@ -51,7 +54,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
     if args.sql:
         print(transpile(build_query(config), args.sql))
         return 0
-    result = analyze(config, args.lake, threads=args.threads)
+    result = analyze(config, args.lake, threads=args.threads, memory_limit=args.memory_limit)
     try:
         json_path, html_path = result.write(args.out)
     except OSError as exc:
@@ -131,6 +134,8 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=env_default("results_dir", None),
                         help="also write <experiment>.json/.html here after each computation [TWOFOLD_RESULTS_DIR]")
     parser.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: all cores)")
+    parser.add_argument("--memory-limit", default=env_default("analysis_memory_limit", None),
+                        help="DuckDB memory limit, e.g. 3GB [TWOFOLD_ANALYSIS_MEMORY_LIMIT]")
     add_server_arguments(parser, default_port=DEFAULT_PORT)
 
 
@@ -139,7 +144,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     async def setup(_settings: ServerSettings) -> ServiceSetup:
         worker = AnalysisWorker(args.experiments, args.lake, every_seconds=args.every, out_dir=args.out,
-                                threads=args.threads)
+                                threads=args.threads, memory_limit=args.memory_limit)
 
         async def on_started(_running: object) -> None:
             worker.start()

@@ -359,7 +359,8 @@ def compute_results(inp: StatsInput, *, computed_at: dt.datetime | None = None, 
     """The results document (contract 5) for `inp`.
 
     `running` says whether the experiment is still collecting data (a `keep-running` is then
-    possible); by default it is running when a sequential plan has not reached `expected_n`.
+    possible); by default it is running when a sequential plan has not reached `expected_n`, and
+    a sequential plan that reached `expected_n` is never running.
     `extra` adds fields (e.g. the lake path's exclusion counts) without touching the contract's.
     """
     units, srm = _srm(inp)
@@ -373,6 +374,8 @@ def compute_results(inp: StatsInput, *, computed_at: dt.datetime | None = None, 
     warnings = _metric_warnings(inp, cells)
     if running is None:
         running = seq is not None and n_now < seq.expected_n
+    elif seq is not None and n_now >= seq.expected_n:
+        running = False  # the sequential plan is complete, whatever the calendar says
     decision = _decide(inp, comparisons, srm, running, warnings)
 
     metric_docs: list[dict[str, Any]] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,10 +57,16 @@ def open_lake(root: str | os.PathLike[str], *, threads: int | None = None,
         raise LakeError(f"lake folder {os.fspath(root)!r} does not exist")
     con = duckdb.connect(database=":memory:")
     con.execute("SET TimeZone = 'UTC'")
+    # Row order never matters to an aggregation; not preserving it lets DuckDB stream with less memory.
+    con.execute("SET preserve_insertion_order = false")
     if threads is not None:
         con.execute(f"SET threads = {int(threads)}")
     if memory_limit is not None:
+        # Beyond the limit DuckDB spills its hash tables to disk instead of failing.
+        spill = Path(tempfile.gettempdir()) / "twofold-duckdb-spill"
+        spill.mkdir(parents=True, exist_ok=True)
         con.execute(f"SET memory_limit = {_sql_string(memory_limit)}")
+        con.execute(f"SET temp_directory = {_sql_string(str(spill))}")
     present: dict[str, bool] = {}
     files: dict[str, int] = {}
     for table, columns in TABLE_COLUMNS.items():

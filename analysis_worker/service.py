@@ -75,12 +75,14 @@ class AnalysisWorker:
     """Owns the experiments, the schedule and the latest results."""
 
     def __init__(self, experiment_paths: Sequence[str | Path], lake: str | Path, *, every_seconds: float = 900.0,
-                 out_dir: str | Path | None = None, threads: int | None = None) -> None:
+                 out_dir: str | Path | None = None, threads: int | None = None,
+                 memory_limit: str | None = None) -> None:
         self.paths = [Path(p) for p in experiment_paths]
         self.lake = Path(lake)
         self.every_seconds = every_seconds
         self.out_dir = Path(out_dir) if out_dir else None
         self.threads = threads
+        self.memory_limit = memory_limit
         self.experiments: dict[str, ExperimentState] = {}
         self._by_source: dict[str, str] = {}
         self.load_errors: dict[str, str] = {}
@@ -131,7 +133,7 @@ class AnalysisWorker:
         """Compute one experiment (blocking: call from a worker thread); never raises."""
         assert state.config is not None
         try:
-            result = analyze(state.config, self.lake, threads=self.threads)
+            result = analyze(state.config, self.lake, threads=self.threads, memory_limit=self.memory_limit)
         except Exception as exc:  # a bug must not stop the other experiments
             log.exception("analysis crashed", extra={"fields": {"experiment": state.name}})
             FAILURES.labels(state.name).inc()

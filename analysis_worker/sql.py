@@ -17,6 +17,8 @@ What the query does, in order:
 4. Per unit and metric: the value within the metric's window after the first exposure (binary:
    any event; count: number of events; sum: sum of values, a bare event counting 0), the
    denominator for ratios and the CUPED covariate (the same value in a window before exposure).
+   For speed, event names become small integer codes before deduplication and each unit's window
+   bounds are computed once, so the per-event work is integer and timestamp comparisons.
 5. Optional capping at a fixed value or at a percentile over all units of the experiment
    (`PERCENTILE_CONT ... WITHIN GROUP`: exact on DuckDB and BigQuery; sqlglot maps it to
    PERCENTILE_APPROX on Spark and APPROX_PERCENTILE on Trino, so caps there are approximate).
@@ -54,25 +56,42 @@ def _names(events: tuple[str, ...]) -> str:
     return ", ".join(quote(e) for e in events)
 
 
-def _window_value(measure: EventMeasure, lower: str, upper: str, binary: bool) -> str:
+def _codes(experiment: ExperimentConfig) -> dict[str, int]:
+    """A small integer per event name: compared once per event instead of strings per metric."""
+    names = dict.fromkeys(e for m in experiment.metrics for e in m.event_names)
+    return {name: i + 1 for i, name in enumerate(names)}
+
+
+def _window_value(measure: EventMeasure, codes: dict[str, int], lower: str, upper: str, binary: bool) -> str:
     """Per-unit aggregate of the events of `measure` with lower <= ts < upper."""
-    cond = f"e.name IN ({_names(measure.events)}) AND e.ts >= {lower} AND e.ts < {upper}"
+    wanted = [codes[e] for e in measure.events]
+    match = f"e.code = {wanted[0]}" if len(wanted) == 1 else f"e.code IN ({', '.join(map(str, wanted))})"
+    cond = f"{match} AND e.ts >= {lower} AND e.ts < {upper}"
     if binary:
         return f"MAX(CASE WHEN {cond} THEN 1 ELSE 0 END)"
     if measure.aggregate == "count":
         return f"SUM(CASE WHEN {cond} THEN 1 ELSE 0 END)"
-    return f"SUM(CASE WHEN {cond} THEN COALESCE(e.value, 0) ELSE 0 END)"
+    return f"SUM(CASE WHEN {cond} THEN e.value ELSE 0 END)"
 
 
-def _metric_columns(i: int, metric: MetricConfig) -> list[str]:
+def _after(seconds: int) -> str:
+    return f"a.after_{int(seconds)}"
+
+
+def _before(seconds: int) -> str:
+    return f"a.before_{int(seconds)}"
+
+
+def _metric_columns(i: int, metric: MetricConfig, codes: dict[str, int]) -> list[str]:
     binary = metric.kind == "binary"
-    after = f"a.first_ts + {_interval(metric.window_seconds)}"
-    cols = [f"CAST({_window_value(metric.measure, 'a.first_ts', after, binary)} AS DOUBLE) AS m{i}"]
+    after = _after(metric.window_seconds)
+    cols = [f"CAST({_window_value(metric.measure, codes, 'a.first_ts', after, binary)} AS DOUBLE) AS m{i}"]
     if metric.denominator is not None:
-        cols.append(f"CAST({_window_value(metric.denominator, 'a.first_ts', after, False)} AS DOUBLE) AS d{i}")
+        cols.append(f"CAST({_window_value(metric.denominator, codes, 'a.first_ts', after, False)} AS DOUBLE) "
+                    f"AS d{i}")
     if metric.cuped_window_seconds is not None:
-        before = f"a.first_ts - {_interval(metric.cuped_window_seconds)}"
-        cols.append(f"CAST({_window_value(metric.measure, before, 'a.first_ts', binary)} AS DOUBLE) AS c{i}")
+        before = _before(metric.cuped_window_seconds)
+        cols.append(f"CAST({_window_value(metric.measure, codes, before, 'a.first_ts', binary)} AS DOUBLE) AS c{i}")
     return cols
 
 
@@ -115,7 +134,14 @@ def build_query(experiment: ExperimentConfig) -> str:
                    f"ts >= {timestamp(experiment.start - dt.timedelta(seconds=longest_pre))}"]
     if experiment.end is not None:
         event_where.append(f"ts < {timestamp(experiment.end)}")
-    per_unit_cols = [c for i, m in enumerate(experiment.metrics) for c in _metric_columns(i, m)]
+    codes = _codes(experiment)
+    code_case = " ".join(f"WHEN {quote(name)} THEN {code}" for name, code in codes.items())
+    per_unit_cols = [c for i, m in enumerate(experiment.metrics) for c in _metric_columns(i, m, codes)]
+    # Window ends and covariate starts, computed once per unit rather than once per event.
+    bounds = [f"first_ts + {_interval(w)} AS after_{w}"
+              for w in sorted({m.window_seconds for m in experiment.metrics})]
+    bounds += [f"first_ts - {_interval(w)} AS before_{w}"
+               for w in sorted({m.cuped_window_seconds for m in experiment.metrics if m.cuped_window_seconds})]
 
     cap_exprs: list[str] = []
     capped_cols: list[str] = []
@@ -161,12 +187,16 @@ units AS (
   GROUP BY unit
 ),
 assigned AS (
-  SELECT unit, first_ts, variant FROM units WHERE variant_count = 1 AND variant <> {quote(UNKNOWN)}
+  SELECT unit, first_ts, variant, {', '.join(bounds)}
+  FROM units WHERE variant_count = 1 AND variant <> {quote(UNKNOWN)}
 ),
 deduped_events AS (
-  SELECT event_id, ANY_VALUE(unit) AS unit, ANY_VALUE(name) AS name, ANY_VALUE(ts) AS ts, ANY_VALUE(value) AS value
-  FROM events
-  WHERE {' AND '.join(event_where)}
+  SELECT event_id, ANY_VALUE(unit) AS unit, ANY_VALUE(code) AS code, ANY_VALUE(ts) AS ts, ANY_VALUE(value) AS value
+  FROM (
+    SELECT event_id, unit, CASE name {code_case} END AS code, ts, COALESCE(value, 0) AS value
+    FROM events
+    WHERE {' AND '.join(event_where)}
+  ) AS relevant
   GROUP BY event_id
 ),
 per_unit AS (

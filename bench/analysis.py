@@ -59,13 +59,17 @@ def pandas_statistics(lake: str | os.PathLike[str], experiment: Any) -> list[dic
     if end is not None:
         filters.append(("ts", "<", end))
     exposed = read("exposures", ["unit", "ts", "variant"], filters)
-    exposed["variant"] = exposed["variant"].map(experiment.exposure_names()).fillna(UNKNOWN)
+    # Variants as small integers (-1 unknown), so the per-unit aggregation stays in pandas' C paths.
+    short_names = list(experiment.split)
+    codes = {full: short_names.index(short) for full, short in experiment.exposure_names().items()}
+    exposed["variant"] = exposed["variant"].map(codes).fillna(-1).astype("int8")
     units = exposed.groupby("unit", sort=False).agg(first_ts=("ts", "min"), variant=("variant", "min"),
                                                     variant_count=("variant", "nunique"))
     del exposed
     excluded_multiple = int((units["variant_count"] > 1).sum())
-    excluded_unknown = int(((units["variant_count"] == 1) & (units["variant"] == UNKNOWN)).sum())
-    assigned = units[(units["variant_count"] == 1) & (units["variant"] != UNKNOWN)].drop(columns="variant_count")
+    excluded_unknown = int(((units["variant_count"] == 1) & (units["variant"] == -1)).sum())
+    assigned = units[(units["variant_count"] == 1) & (units["variant"] != -1)].drop(columns="variant_count")
+    assigned["variant"] = np.asarray(short_names, dtype=object)[assigned["variant"].to_numpy()]
     del units
 
     names = sorted({e for m in experiment.metrics for e in m.event_names})
@@ -146,29 +150,32 @@ def pandas_analyze(lake: str | os.PathLike[str], experiment_path: str | os.PathL
 
 # ---------------------------------------------------------------- the benchmark
 
-def _child(path: str, lake: str, experiment: str) -> None:
+def _child(path: str, lake: str, experiment: str, memory_limit: str | None) -> None:
     started = time.perf_counter()
     if path == "duckdb":
         from analysis_worker.analyze import analyze
 
-        result = analyze(experiment, lake)
+        result = analyze(experiment, lake, memory_limit=memory_limit)
         document = result.document
         html_bytes = len(result.html)
     else:
         document = pandas_analyze(lake, experiment)
         html_bytes = 0
     elapsed = time.perf_counter() - started
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    peak_mb = usage.ru_maxrss / 1024
     summary = {m["metric"]: [(v["variant"], v["n"], v["mean"]) for v in m["variants"]] for m in document["metrics"]}
     print(json.dumps({"path": path, "seconds": elapsed, "peak_mb": peak_mb, "error": document.get("error"),
+                      "cpu_seconds": usage.ru_utime + usage.ru_stime, "load": os.getloadavg()[0],
                       "summary": summary, "recommendation": document["decision"]["recommendation"],
                       "html_bytes": html_bytes}))
 
 
-def _run_child(path: str, lake: str, experiment: str) -> dict[str, Any]:
+def _run_child(path: str, lake: str, experiment: str, memory_limit: str | None) -> dict[str, Any]:
     wall = time.perf_counter()
+    extra = ["--memory-limit", memory_limit] if memory_limit else []
     out = subprocess.run([sys.executable, "-m", "bench.analysis", "--child", path, "--lake", lake,
-                          "--experiment", experiment], cwd=ROOT, capture_output=True, text=True, check=False)
+                          "--experiment", experiment, *extra], cwd=ROOT, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{path} path failed:\n{out.stderr}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -194,11 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lake", help="lake folder (generated if it has no exposures yet; default: a temp folder)")
     parser.add_argument("--experiment", default=str(DEFAULT_EXPERIMENT))
     parser.add_argument("--skip-pandas", action="store_true", help="only the DuckDB path")
+    parser.add_argument("--memory-limit", default="3GB",
+                        help="DuckDB memory limit (it spills beyond it); 'none' for DuckDB's default of 80%% of RAM")
     parser.add_argument("--child", choices=["duckdb", "pandas"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        _child(args.child, args.lake, args.experiment)
+        _child(args.child, args.lake, args.experiment, args.memory_limit)
         return 0
+    limit = None if str(args.memory_limit).lower() == "none" else args.memory_limit
 
     from analysis_worker.synthetic import write_synthetic_lake
 
@@ -216,19 +226,22 @@ def main(argv: list[str] | None = None) -> int:
                   f"(+1% duplicates) for {info.units:,} units in {time.perf_counter() - t0:.1f} s: {lake}")
         else:
             print(f"reusing the lake at {lake}")
-        duck = _run_child("duckdb", lake, args.experiment)
-        print(f"duckdb: {duck['seconds']:.2f} s analysis ({duck['process_seconds']:.2f} s with interpreter start), "
-              f"peak RSS {duck['peak_mb']:.0f} MB, recommendation {duck['recommendation']}")
+        duck = _run_child("duckdb", lake, args.experiment, limit)
+        print(f"duckdb: {duck['seconds']:.2f} s analysis ({duck['process_seconds']:.2f} s with interpreter start, "
+              f"{duck['cpu_seconds']:.1f} s CPU), peak RSS {duck['peak_mb']:.0f} MB, "
+              f"recommendation {duck['recommendation']}; machine load {duck['load']:.1f}")
         if duck["error"]:
             print(f"  error: {duck['error']}")
         if args.skip_pandas:
             return 0
-        pdres = _run_child("pandas", lake, args.experiment)
-        print(f"pandas: {pdres['seconds']:.2f} s analysis ({pdres['process_seconds']:.2f} s with interpreter start), "
-              f"peak RSS {pdres['peak_mb']:.0f} MB")
+        pdres = _run_child("pandas", lake, args.experiment, None)
+        print(f"pandas: {pdres['seconds']:.2f} s analysis ({pdres['process_seconds']:.2f} s with interpreter start, "
+              f"{pdres['cpu_seconds']:.1f} s CPU), peak RSS {pdres['peak_mb']:.0f} MB; "
+              f"machine load {pdres['load']:.1f}")
         print(f"speed-up duckdb vs pandas: {pdres['seconds'] / duck['seconds']:.1f}x; "
               f"memory ratio {pdres['peak_mb'] / duck['peak_mb']:.1f}x; "
               f"largest relative difference of the means: {_agreement(duck, pdres):.2e}")
+        print(f"CPU-time ratio pandas / duckdb: {pdres['cpu_seconds'] / duck['cpu_seconds']:.1f}x")
     finally:
         if temp is not None:
             temp.cleanup()
