@@ -235,6 +235,8 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
                                 f"experiment {request.experiment!r} has not been computed yet; retry shortly")
         assert state.analysis is not None
         response = analysis_pb2.GetResultsResponse(results_json=json.dumps(state.analysis.document))
+        if request.include_html:
+            response.report_html = await asyncio.to_thread(lambda: state.analysis.html)  # type: ignore[union-attr]
         ts = _timestamp(state.computed_at)
         if ts is not None:
             response.computed_at.CopyFrom(ts)

@@ -88,6 +88,9 @@ def test_list_and_get_results(served: Any) -> None:
     doc = json.loads(reply.results_json)
     assert doc["experiment"] == "home-ranking-bandit" and len(doc["metrics"]) == 5
     assert reply.computed_at.seconds == good.computed_at.seconds
+    assert reply.report_html == ""
+    with_html = stub.GetResults(analysis_pb2.GetResultsRequest(experiment="home-ranking-bandit", include_html=True))
+    assert with_html.report_html.startswith("<!doctype html>") and "<svg" in with_html.report_html
     ghost = json.loads(stub.GetResults(analysis_pb2.GetResultsRequest(experiment="ghost-flag")).results_json)
     assert "no exposures" in ghost["error"]
     # Results files are written for the computed experiments.

@@ -479,3 +479,19 @@ def test_degenerate_cells_give_nulls_and_warnings_not_errors() -> None:
     assert c["p_value"] is None and c["significant"] is False
     assert any("0 unit(s)" in w for w in doc["warnings"])
     assert doc["srm"]["mismatch"] is True
+
+
+def test_planning_helpers_match_statsmodels() -> None:
+    from analysis_worker.planning import minimum_detectable_effect, sample_size
+
+    p = 0.1
+    var = p * (1 - p)
+    total = sample_size(p, var, 0.05, alpha=0.05, power=0.8, sides=1)
+    per_arm = NormalIndPower().solve_power(effect_size=0.05 * p / np.sqrt(var), alpha=0.05, power=0.8,
+                                           ratio=1.0, alternative="larger")
+    assert 2 * per_arm - 1e-6 <= total < 2 * per_arm + 1  # rounded up to whole units
+    # The MDE of that sample size is (just under) the effect it was planned for.
+    mde = minimum_detectable_effect(total, p, var, sides=1)
+    assert mde == pytest.approx(0.05, rel=1e-3) and mde <= 0.05
+    with pytest.raises(ValueError):
+        sample_size(p, var, 0.0)
