@@ -160,8 +160,9 @@ def analyze(experiment: str | Path | Mapping[str, Any] | ExperimentConfig, lake:
         if not tables.present["exposures"]:
             return failed(f"the lake at {str(lake)!r} has no exposures table "
                           "(expected exposures/date=YYYY-MM-DD/*.parquet)")
-        scanned = row_count(con, "exposures") + row_count(con, "events")
+        scanned = 0
         try:
+            scanned = row_count(con, "exposures") + row_count(con, "events")
             cursor = con.execute(query)
             names = [d[0] for d in cursor.description]
             rows = [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]

@@ -54,7 +54,11 @@ def _run_analyze(args: argparse.Namespace) -> int:
     if args.sql:
         print(transpile(build_query(config), args.sql))
         return 0
-    result = analyze(config, args.lake, threads=args.threads, memory_limit=args.memory_limit)
+    try:
+        result = analyze(config, args.lake, threads=args.threads, memory_limit=args.memory_limit)
+    except Exception as exc:  # a bug, not bad input: still one line, and a non-zero exit
+        _err(f"{config.name}: internal error ({type(exc).__name__}: {exc})")
+        return 1
     try:
         json_path, html_path = result.write(args.out)
     except OSError as exc:

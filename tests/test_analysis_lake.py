@@ -252,6 +252,14 @@ def test_missing_events_table_is_a_warning(tmp_path: Path) -> None:
     assert all(c["p_value"] is None for m in result.document["metrics"] for c in m["comparisons"])
 
 
+def test_a_corrupt_parquet_file_is_named_not_a_crash(crafted_lake: Path) -> None:
+    (crafted_lake / "events" / "date=2026-11-05").mkdir(parents=True, exist_ok=True)
+    (crafted_lake / "events" / "date=2026-11-05" / "broken.parquet").write_bytes(b"not parquet at all")
+    result = analyze(EXAMPLE, crafted_lake)
+    assert result.error is not None and "reading the lake failed" in result.error
+    assert "broken.parquet" in result.error
+
+
 def test_unknown_flag_names_the_flags_that_exist(crafted_lake: Path) -> None:
     result = analyze(_example(flag="no-such-flag"), crafted_lake)
     assert result.error is not None
