@@ -200,7 +200,7 @@ def analyze(experiment: str | Path | Mapping[str, Any] | ExperimentConfig, lake:
     extra = {
         **base,
         "exclusions": {"multiple_variants": excluded.get(MULTIPLE, 0), "unknown_variant": excluded.get(UNKNOWN, 0)},
-        "looks": [d.isoformat() for d in days],
+        "look_dates": [d.isoformat() for d in days],
         "rows_scanned": scanned,
     }
     document = compute_results(stats, computed_at=computed_at, running=running, extra=extra)

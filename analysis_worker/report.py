@@ -204,7 +204,7 @@ def render_html(document: dict[str, Any]) -> str:
         out.append(f"<p class='meta'>excluded units: {_fmt(exclusions.get('multiple_variants'))} exposed to several "
                    f"variants, {_fmt(exclusions.get('unknown_variant'))} to unknown variants; "
                    f"lake rows scanned: {_fmt(document.get('rows_scanned'))}</p>")
-    labels = [str(d) for d in document.get("looks", [])]
+    labels = [str(d) for d in document.get("look_dates", [])]
     for metric in document.get("metrics", []):
         role = metric.get("role")
         extra = f", margin {_pct(metric.get('nim')).lstrip('+')}" if role == "guardrail" else ""

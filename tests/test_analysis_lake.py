@@ -103,7 +103,7 @@ def test_analysis_of_the_synthetic_lake_finds_the_planted_effect(synthetic_lake:
     assert clicks["comparisons"][0]["relative_diff"] > 0  # treatment units click 3% more
     revenue = next(m for m in doc["metrics"] if m["metric"] == "revenue")
     assert revenue["cuped"]["theta"] is not None
-    assert len(doc["looks"]) == len(revenue["cumulative"]) == 28
+    assert len(doc["look_dates"]) == len(revenue["cumulative"]) == 28
     assert doc["sequential"]["method"] == "group-sequential"
     assert doc["decision"]["recommendation"] in ("ship", "no-ship", "keep-running")
     assert result.rows_scanned > 160_000

@@ -495,3 +495,21 @@ def test_planning_helpers_match_statsmodels() -> None:
     assert mde == pytest.approx(0.05, rel=1e-3) and mde <= 0.05
     with pytest.raises(ValueError):
         sample_size(p, var, 0.0)
+
+
+def test_always_valid_interval_covers_a_known_effect_at_every_look() -> None:
+    rng = np.random.default_rng(7)
+    sims, per_look, looks, effect = 4000, 100, 10, 0.2
+    inc_c = _normal_stats(rng, (sims, looks), per_look)
+    inc_t = _normal_stats(rng, (sims, looks), per_look, effect)
+    cum = [np.cumsum(a, axis=1) for a in (*inc_c, *inc_t)]
+    always = np.ones(sims, dtype=bool)
+    for k in range(looks):
+        n = float(per_look * (k + 1))
+        metrics = _mean_metrics((cum[0][:, k], cum[1][:, k]), (cum[2][:, k], cum[3][:, k]), n)
+        seq = SequentialInput("always-valid", 2.0 * per_look * looks, [2.0 * per_look * (j + 1) for j in range(k)])
+        doc = compute_results(_input(metrics, n, sequential=seq))
+        always &= np.array([m["comparisons"][0]["ci_lower"] <= effect <= m["comparisons"][0]["ci_upper"]
+                            for m in doc["metrics"]])
+    # Simultaneous coverage over all ten looks, not just at the end.
+    assert always.mean() >= 0.95, always.mean()
