@@ -174,7 +174,7 @@ def analyze(experiment: str | Path | Mapping[str, Any] | ExperimentConfig, lake:
             flags = _known_flags(con)
             where = f" with rule {config.rule!r}" if config.rule else ""
             window = f"between {config.start.isoformat()} and {config.end.isoformat() if config.end else 'now'}"
-            if config.flag not in flags:
+            if not set(config.flag_names()) & set(flags):
                 message = (f"no exposures of flag {config.flag!r} in the lake; flags with exposures: "
                            f"{', '.join(flags) or 'none'}")
             elif excluded:

@@ -126,6 +126,19 @@ class ExperimentConfig:
     description: str = ""
     source: str = ""
 
+    def flag_names(self) -> tuple[str, str]:
+        """Both spellings of the flag in the exposures table: the assignment server writes the
+        Confidence resource name `flags/<flag>`; other tools may write the bare name."""
+        return (self.flag, f"flags/{self.flag}")
+
+    def rule_names(self) -> tuple[str, ...]:
+        """Both spellings of the rule: `flags/<flag>/rules/<rule>` (Confidence) or the bare name."""
+        if not self.rule:
+            return ()
+        if self.rule.startswith("flags/"):
+            return (self.rule,)
+        return (self.rule, f"flags/{self.flag}/rules/{self.rule}")
+
     def exposure_names(self) -> dict[str, str]:
         """Every spelling of each variant in the exposures table -> the short name.
 

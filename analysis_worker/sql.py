@@ -123,9 +123,9 @@ def build_query(experiment: ExperimentConfig) -> str:
     """The sufficient-statistics query (DuckDB dialect) over tables `exposures` and `events`."""
     names = experiment.exposure_names()
     mapping = " ".join(f"WHEN {quote(full)} THEN {quote(short)}" for full, short in names.items())
-    where = [f"flag = {quote(experiment.flag)}", f"ts >= {timestamp(experiment.start)}"]
+    where = [f"flag IN ({_names(experiment.flag_names())})", f"ts >= {timestamp(experiment.start)}"]
     if experiment.rule:
-        where.append(f"rule = {quote(experiment.rule)}")
+        where.append(f"rule IN ({_names(experiment.rule_names())})")
     if experiment.end is not None:
         where.append(f"ts < {timestamp(experiment.end)}")
     all_events = tuple(dict.fromkeys(e for m in experiment.metrics for e in m.event_names))

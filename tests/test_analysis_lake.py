@@ -120,8 +120,9 @@ def _write(root: Path, table: str, records: list[dict[str, Any]]) -> None:
         writer.close_sync()
 
 
-def _exposure(i: str, unit: str, variant: str, at: dt.datetime, flag: str = "home-ranking") -> dict[str, Any]:
-    return {"exposure_id": i, "ts": at, "unit": unit, "flag": flag, "rule": "home-ranking-experiment",
+def _exposure(i: str, unit: str, variant: str, at: dt.datetime, flag: str = "home-ranking",
+              rule: str = "home-ranking-experiment") -> dict[str, Any]:
+    return {"exposure_id": i, "ts": at, "unit": unit, "flag": flag, "rule": rule,
             "variant": variant, "assignment_id": "a", "resolve_id": "r", "client": "test"}
 
 
@@ -139,7 +140,9 @@ def crafted_lake(tmp_path: Path) -> Path:
         _exposure("x1", "u1", "flags/home-ranking/variants/control", T0),
         _exposure("x1", "u1", "flags/home-ranking/variants/control", T0),           # retried write
         _exposure("x2", "u1", "control", T0 + h),                                    # short name, later
-        _exposure("x3", "u2", "flags/home-ranking/variants/bandit", T0 + 2 * h),
+        # Spelled as the assignment server writes it: Confidence resource names throughout.
+        _exposure("x3", "u2", "flags/home-ranking/variants/bandit", T0 + 2 * h, flag="flags/home-ranking",
+                  rule="flags/home-ranking/rules/home-ranking-experiment"),
         _exposure("x4", "u3", "control", T0), _exposure("x5", "u3", "bandit", T0 + h),  # both arms: excluded
         _exposure("x6", "u4", "flags/home-ranking/variants/legacy", T0),            # unknown variant
         _exposure("x7", "u5", "control", T0, flag="other-flag"),                     # another flag
