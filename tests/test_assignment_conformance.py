@@ -1,0 +1,52 @@
+"""The Confidence resolver specification: every case of tests.json against state.json, one by one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from assignment_server.conformance import load_cases, run_case
+from assignment_server.resolver import ResolverState, allocation_bucket, allocation_salt, bucket
+
+SPEC = Path("/work/shared/conformance/confidence-resolver-spec")
+ROOT = Path(__file__).resolve().parent.parent
+CASES = load_cases(SPEC / "tests.json") if (SPEC / "tests.json").exists() else []
+
+
+@pytest.fixture(scope="module")
+def spec_state() -> ResolverState:
+    return ResolverState.from_json((SPEC / "state.json").read_bytes())
+
+
+def test_bucketing_vectors_of_contract_1() -> None:
+    assert bucket("MegaSalt-confidence-test|roug", 1_000_000) == 567493
+    assert bucket("country-se|user1", 1000) == 719
+    assert allocation_bucket(allocation_salt("accounts/confidence-test"), "roug") == 567493
+
+
+@pytest.mark.skipif(not CASES, reason="conformance data not present")
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_confidence_spec_case(spec_state: ResolverState, case: dict) -> None:
+    result = run_case(spec_state, case)
+    assert result.passed, "; ".join(result.problems)
+
+
+@pytest.mark.skipif(not CASES, reason="conformance data not present")
+def test_conformance_command_reports_and_fails_on_a_broken_expectation(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "twofold", "conformance", "confidence",
+           "--state", str(SPEC / "state.json"), "--tests"]
+    ok = subprocess.run([*cmd, str(SPEC / "tests.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.strip().splitlines()[-1] == f"{len(CASES)} passed, 0 failed"
+
+    broken = json.loads((SPEC / "tests.json").read_text())[:3]
+    broken[0]["expectedResult"]["general"]["resolvedFlags"][0]["variant"] = "not-the-variant"
+    (tmp_path / "tests.json").write_text(json.dumps(broken))
+    bad = subprocess.run([*cmd, str(tmp_path / "tests.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1
+    assert bad.stdout.strip().splitlines()[-1] == "2 passed, 1 failed"
+    assert broken[0]["name"] in bad.stdout
