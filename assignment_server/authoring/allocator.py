@@ -84,6 +84,8 @@ class Allocation:
 
     masks: dict[str, np.ndarray]
     lock: dict
+    # segment -> (buckets wanted, buckets free for it): exclusivity left too little room.
+    shortfalls: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def bits(self, segment: str) -> bytes:
         """The segment's bitset as bytes, LSB-first (Confidence's bit order)."""
@@ -124,6 +126,7 @@ def allocate(requests: Iterable[SegmentRequest], lock: Mapping | None = None) ->
 
     masks: dict[str, np.ndarray] = {}
     new_lock: dict[str, dict] = {}
+    shortfalls: dict[str, tuple[int, int]] = {}
     for r in reqs:
         order = permutation(r.permutation_key)
         wanted = round(min(max(r.proportion, 0.0), 1.0) * ALLOCATION_BUCKETS)
@@ -145,9 +148,11 @@ def allocate(requests: Iterable[SegmentRequest], lock: Mapping | None = None) ->
             free = np.nonzero(eligible & ~chosen)[0][:missing]
             chosen[free] = True
         positions = np.nonzero(chosen)[0]
+        if positions.size < wanted:
+            shortfalls[r.segment] = (wanted, int(positions.size))
         mask = np.zeros(ALLOCATION_BUCKETS, dtype=bool)
         mask[order[positions]] = True
         masks[r.segment] = mask
         new_lock[r.segment] = {"permutation": r.permutation_key, "buckets": int(positions.size),
                                "positions": _to_ranges(positions)}
-    return Allocation(masks, {"version": LOCK_VERSION, "segments": dict(sorted(new_lock.items()))})
+    return Allocation(masks, {"version": LOCK_VERSION, "segments": dict(sorted(new_lock.items()))}, shortfalls)

@@ -217,6 +217,7 @@ def _compile(f: _Folder, lock: dict | None) -> CompileResult:
 
     # Namespaces and their holdouts
     requests: dict[str, SegmentRequest] = {}
+    request_at: dict[str, tuple[str, int]] = {}  # segment -> where its share is written
     holdouts: dict[str, str] = {}
     for name, doc in sorted(f.namespaces.items()):
         f.check_keys(doc, {"namespace", "description", "holdout"}, "a namespace")
@@ -227,6 +228,7 @@ def _compile(f: _Folder, lock: dict | None) -> CompileResult:
                 holdouts[name] = seg_name
                 segments[seg_name] = {"name": seg_name, "state": "OK"}
                 requests[seg_name] = SegmentRequest(seg_name, share, name, holdout=True)
+                request_at[seg_name] = (doc.file, doc.line_of("holdout"))
 
     flags: dict[str, dict] = {}
     experiment_segments: dict[str, str] = {}  # "<flag>/<rule>" or experiment name -> segment
@@ -361,6 +363,7 @@ def _compile(f: _Folder, lock: dict | None) -> CompileResult:
                     continue
                 rule_segment(seg_name, rule.get("when"))
                 requests[seg_name] = SegmentRequest(seg_name, share)
+                request_at[seg_name] = (ro.file, ro.line_of("percentage"))
                 rules_out.append({"name": rule_id, "segment": seg_name, **base,
                                   "assignmentSpec": full(rname, ref)})
                 continue
@@ -405,6 +408,7 @@ def _compile(f: _Folder, lock: dict | None) -> CompileResult:
                 excl = []
             pending_exclusive.append((exp, seg_name, list(excl)))
             requests[seg_name] = SegmentRequest(seg_name, share, namespace)
+            request_at[seg_name] = (exp.file, exp.line_of("allocation"))
             rule_segment(seg_name, rule.get("when"))
             total = sum(w for _, w in weights)
             assignments, cum, lower = [], 0.0, 0
@@ -447,6 +451,11 @@ def _compile(f: _Folder, lock: dict | None) -> CompileResult:
         raise FlagFileError(sorted(f.problems, key=lambda p: (p.file, p.line)))
 
     allocation: Allocation = allocate(requests.values(), lock)
+    if allocation.shortfalls:
+        raise FlagFileError([
+            Problem(*request_at[seg], f"{seg} needs {wanted / 1e4:g}% of units but only {got / 1e4:g}% are free of "
+                                      "the experiments and holdouts it is exclusive with")
+            for seg, (wanted, got) in sorted(allocation.shortfalls.items())])
     bitsets: dict[str, Any] = {}
     for seg_name in sorted(segments):
         bitsets[seg_name] = encode_bitset(allocation.bits(seg_name)) if seg_name in requests else "ALL"
