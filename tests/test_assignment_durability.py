@@ -93,7 +93,7 @@ def _request(unit: str) -> pb.ResolveFlagsRequest:
     return request
 
 
-def _ts(seconds: float):  # noqa: ANN202
+def _ts(seconds: float):
     from google.protobuf import timestamp_pb2
 
     ts = timestamp_pb2.Timestamp()
