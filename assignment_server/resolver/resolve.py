@@ -142,13 +142,14 @@ class Resolver:
         client = state.clients.get(client_secret)
         if client is None:
             raise UnknownClientError("client secret not found")
-        names = list(dict.fromkeys(flag_names))
-        if names:
-            candidates = [f for f in (state.flags.get(n) for n in names) if f is not None]
-        else:
-            candidates = list(state.flags.values())
+        names = flag_names if type(flag_names) is list and len(flag_names) == 1 else list(dict.fromkeys(flag_names))
         client_name = client.name
-        flags = [f for f in candidates if f.state == "ACTIVE" and client_name in f.clients]
+        if names:
+            all_flags = state.flags
+            flags = [f for f in (all_flags.get(n) for n in names)
+                     if f is not None and f.state == "ACTIVE" and client_name in f.clients]
+        else:
+            flags = [f for f in state.flags.values() if f.state == "ACTIVE" and client_name in f.clients]
         if len(flags) > MAX_FLAGS_PER_RESOLVE:
             raise TooManyFlagsError(
                 f"at most {MAX_FLAGS_PER_RESOLVE} flags per resolve, this one would resolve {len(flags)}")
@@ -188,6 +189,7 @@ class Resolver:
                      to_write: list[MaterializationRecord],
                      fallthroughs: list[FallthroughAssignment]) -> ResolvedFlag | None:
         segments = self.state.segments
+        units: dict[str, str | None] = {}  # targeting key per selector, read once per flag
         for rule in flag.rules:
             if not rule.enabled:
                 continue
@@ -197,12 +199,16 @@ class Resolver:
             if segment is None:
                 continue
             selector = rule.targeting_key_selector
-            try:
-                unit = _targeting_key(ctx, selector or TARGETING_KEY)
-            except _TargetingKeyError:
-                if selector or not rule.full_rollout:
-                    raise
-                unit = None
+            key = selector or TARGETING_KEY
+            if key in units:
+                unit = units[key]
+            else:
+                try:
+                    unit = units[key] = _targeting_key(ctx, key)
+                except _TargetingKeyError:
+                    if selector or not rule.full_rollout:
+                        raise
+                    unit = None
             if unit is None and selector:
                 continue
             if rule.assignments is None:

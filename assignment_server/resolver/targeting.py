@@ -168,7 +168,10 @@ def compile_attribute(doc: dict, where: str) -> Predicate:
     test, kind, strict = compiled
     if strict:
         def strict_pred(ctx: dict, _u: Any, _e: Any, _v: tuple) -> bool:
-            return any(test(item) for item in _string_items(get(ctx)))
+            raw = get(ctx)
+            if type(raw) is str:
+                return test(raw)
+            return any(test(item) for item in _string_items(raw))
         return strict_pred
     if kind == STRING:
         # Fast path for the most common rule: a string attribute against a string value.
