@@ -12,8 +12,8 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -207,7 +207,7 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
             returned = {f.flag for f in results}
             results = results + [ResolvedFlag(n, Reason.FLAG_ARCHIVED) for n in dict.fromkeys(names)
                                  if n not in returned]
-        resolve_id = uuid.uuid4().hex
+        resolve_id = os.urandom(16).hex()
         response = pb.ResolveFlagsResponse(resolve_id=resolve_id)
         out = response.resolved_flags
         to_apply: dict[str, tuple[TokenAssignment, ...]] = {}

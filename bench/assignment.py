@@ -4,7 +4,9 @@
     `growthbook` SDK evaluating an equivalent feature: median microseconds per evaluation.
 (b) ResolveFlags over gRPC against a bare `grpc.aio` echo server started by this script
     (`twofold.echo.start_bare_echo`): p50/p99 latency and throughput at concurrency 1 and 32.
-    Each server runs in its own child process; the client is one grpc.aio process.
+    Each server runs in its own child process; the client is one grpc.aio process. A third
+    server, the echo service behind the shared Twofold runtime (metrics, health, limits), shows
+    how much of the gap is the runtime every Twofold server pays rather than the resolver.
 (c) Durable TrackEvents ingest with batches of 100 (acknowledged = fsynced write-ahead log).
 
     /work/venv/bin/python bench/assignment.py            # full run
@@ -110,6 +112,19 @@ def _serve_echo(queue: mp.Queue) -> None:
     asyncio.run(main())
 
 
+def _serve_runtime_echo(queue: mp.Queue) -> None:
+    """The echo service behind the shared Twofold runtime (metrics, health, limits): the runtime's own cost."""
+    from twofold import echo
+    from twofold.server import start_server
+    from twofold.settings import ServerSettings
+
+    async def main() -> None:
+        running = await start_server(ServerSettings(port=0, metrics_port=None), [echo.registration()])
+        queue.put(running.port)
+        await running.server.wait_for_termination()
+    asyncio.run(main())
+
+
 def _serve_assignment(queue: mp.Queue, flags: str, lake: str) -> None:
     import argparse as ap
     import logging
@@ -161,7 +176,7 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6
 
 
-async def bench_grpc(echo_port: int, assign_port: int, quick: bool) -> None:
+async def bench_grpc(echo_port: int, runtime_port: int, assign_port: int, quick: bool) -> None:
     import grpc
 
     from assignment_server.authoring.compiler import DEFAULT_CLIENT_SECRET
@@ -170,8 +185,10 @@ async def bench_grpc(echo_port: int, assign_port: int, quick: bool) -> None:
     from protos.twofold.echo.v1 import echo_pb2, echo_pb2_grpc
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}") as ec, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{runtime_port}") as rc, \
             grpc.aio.insecure_channel(f"127.0.0.1:{assign_port}") as ac:
         echo = echo_pb2_grpc.EchoServiceStub(ec)
+        runtime_echo = echo_pb2_grpc.EchoServiceStub(rc)
         assign = pb_grpc.FlagResolverServiceStub(ac)
         request = pb.ResolveFlagsRequest(flags=["flags/home-ranking"], client_secret=DEFAULT_CLIENT_SECRET)
         request.evaluation_context.update({"targeting_key": "user-42", "country": "SE", "email": "a@b.com"})
@@ -183,27 +200,29 @@ async def bench_grpc(echo_port: int, assign_port: int, quick: bool) -> None:
         async def call_resolve() -> None:
             await assign.ResolveFlags(request)
 
+        async def call_runtime_echo() -> None:
+            await runtime_echo.Echo(echo_req)
+
         print("(b) ResolveFlags over gRPC vs bare grpc.aio echo (same payload size), loopback")
         for concurrency in (1, 32):
             total = (1000 if quick else 3000) * (1 if concurrency == 1 else 2)
-            await _load(call_echo, concurrency, 200)
-            await _load(call_resolve, concurrency, 200)
-            # Alternate rounds so a noisy neighbour on the machine hits both sides alike.
-            e_lat: list[float] = []
-            r_lat: list[float] = []
-            e_wall = r_wall = 0.0
+            calls = {"echo": call_echo, "runtime echo": call_runtime_echo, "resolve": call_resolve}
+            lat: dict[str, list[float]] = {k: [] for k in calls}
+            wall = dict.fromkeys(calls, 0.0)
+            for call in calls.values():
+                await _load(call, concurrency, 200)
+            # Alternate rounds so a noisy neighbour on the machine hits every side alike.
             for _ in range(3):
-                lat, wall = await _load(call_echo, concurrency, total)
-                e_lat += lat
-                e_wall += wall
-                lat, wall = await _load(call_resolve, concurrency, total)
-                r_lat += lat
-                r_wall += wall
-            e50, r50 = _pct(e_lat, 0.5), _pct(r_lat, 0.5)
-            print(f"    c={concurrency:<3} echo      p50 {e50:8.0f} us  p99 {_pct(e_lat, 0.99):8.0f} us  "
-                  f"{len(e_lat) / e_wall:8.0f} calls/s")
-            print(f"    c={concurrency:<3} resolve   p50 {r50:8.0f} us  p99 {_pct(r_lat, 0.99):8.0f} us  "
-                  f"{len(r_lat) / r_wall:8.0f} calls/s   p50 ratio {r50 / e50:.2f}x echo (goal <= 1.2x)")
+                for name, call in calls.items():
+                    got, seconds = await _load(call, concurrency, total)
+                    lat[name] += got
+                    wall[name] += seconds
+            e50 = _pct(lat["echo"], 0.5)
+            for name in calls:
+                p50 = _pct(lat[name], 0.5)
+                ratio = "" if name == "echo" else f"   p50 {p50 / e50:.2f}x bare echo"
+                print(f"    c={concurrency:<3} {name:<13} p50 {p50:7.0f} us  p99 {_pct(lat[name], 0.99):7.0f} us  "
+                      f"{len(lat[name]) / wall[name]:7.0f} calls/s{ratio}")
 
         print("(c) durable TrackEvents ingest, batches of 100 (acknowledged after fsync)")
         batch_no = 0
@@ -229,11 +248,12 @@ def main() -> None:
         root = Path(tmp)
         bench_in_process(root, args.quick)
         echo_proc, echo_port = _start_child(_serve_echo)
+        runtime_proc, runtime_port = _start_child(_serve_runtime_echo)
         assign_proc, assign_port = _start_child(_serve_assignment, str(_flags_dir(root)), str(root / "lake"))
         try:
-            asyncio.run(bench_grpc(echo_port, assign_port, args.quick))
+            asyncio.run(bench_grpc(echo_port, runtime_port, assign_port, args.quick))
         finally:
-            for proc in (echo_proc, assign_proc):
+            for proc in (echo_proc, runtime_proc, assign_proc):
                 proc.terminate()
                 proc.join(10)
 

@@ -122,3 +122,18 @@ def test_confidence_state_file_is_a_flag_source() -> None:
     data, warnings = load_flag_source("/work/shared/conformance/confidence-resolver-spec/state.json")
     state = ResolverState.from_json(data)
     assert "flags/simple-flag" in state.flags and warnings == []
+
+
+def test_no_norway_problem(tmp_path: Path) -> None:
+    """`NO`, `on` and `off` stay text: only true/false are booleans in flag files."""
+    folder = _folder(tmp_path, """
+flag: f
+variants: {on: {x: 1}, off: {x: 2}}
+default: off
+rules:
+  - name: norway
+    when: {attribute: country, in: [NO, SE]}
+    serve: on
+""")
+    assert _resolve(folder, {"targeting_key": "u", "country": "NO"}) == ("on", "norway")
+    assert _resolve(folder, {"targeting_key": "u", "country": "DK"}) == ("off", "default")

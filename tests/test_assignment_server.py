@@ -201,7 +201,7 @@ def test_hot_reload_swaps_valid_and_refuses_invalid_changes(harness: Harness) ->
     assert resolved.variant == "flags/new-checkout/variants/on"
 
     failures_before = harness.metric("twofold_assignment_reload_failures_total")
-    path.write_text(path.read_text().replace('variant: "on"', "variant: nope"))
+    path.write_text(path.read_text().replace('variant: on', 'variant: nope'))
     deadline = time.time() + 10
     while harness.metric("twofold_assignment_reload_failures_total") == failures_before:
         assert time.time() < deadline, "the invalid change was not noticed"
@@ -245,3 +245,69 @@ def test_metrics_by_flag_variant_reason_and_state(harness: Harness) -> None:
     assert 'twofold_assignment_resolves_total{flag="flags/home-ranking"' in text
     assert "twofold_assignment_state_generation" in text
     assert "twofold_assignment_last_reload_success_timestamp_seconds" in text
+
+
+STICKY = """
+flag: sticky-test
+variants: {a: {x: 1}, b: {x: 2}}
+rules:
+  - name: exp
+    when: {attribute: country, eq: SE}
+    experiment: {allocation: 100%, arms: {a: 1, b: 1}, sticky: true}
+"""
+
+
+def test_sticky_assignments_survive_targeting_changes_and_restarts(bg_loop: BackgroundLoop, tmp_path: Path) -> None:
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    (flags / "f.yaml").write_text(STICKY)
+    h = Harness(bg_loop, tmp_path, flags)
+    units = [f"u{i}" for i in range(40)]
+    try:
+        first = {u: h.resolve(u, flags=("flags/sticky-test",), country="SE").resolved_flags[0].variant for u in units}
+        assert set(first.values()) == {"flags/sticky-test/variants/a", "flags/sticky-test/variants/b"}
+        # Swap the weights and narrow the audience: stored units keep their variant anyway.
+        (flags / "f.yaml").write_text(STICKY.replace("{a: 1, b: 1}", "{a: 1, b: 99}").replace("eq: SE", "eq: NO"))
+        generation = h.servicer.source.current.generation  # type: ignore[attr-defined]
+        deadline = time.time() + 10
+        while h.servicer.source.current.generation == generation:  # type: ignore[attr-defined]
+            assert time.time() < deadline
+            time.sleep(0.05)
+    finally:
+        h.close()
+    h2 = Harness(bg_loop, tmp_path, flags)  # a restart: the SQLite store is the memory
+    try:
+        again = {u: h2.resolve(u, flags=("flags/sticky-test",), country="SE").resolved_flags[0].variant for u in units}
+        assert again == first
+        newcomer = h2.resolve("never-seen", flags=("flags/sticky-test",), country="SE").resolved_flags[0]
+        assert newcomer.reason == pb.RESOLVE_REASON_NO_SEGMENT_MATCH  # new units follow the new targeting
+    finally:
+        h2.close()
+
+
+def test_watch_state_skips_a_known_generation_and_local_exposures_are_accepted(harness: Harness) -> None:
+    generation = harness.servicer.source.current.generation  # type: ignore[attr-defined]
+    stream = harness.stub.WatchState(pb.WatchStateRequest(client_secret=SECRET, known_generation=generation),
+                                     timeout=1.5)
+    with pytest.raises(grpc.RpcError) as err:
+        next(stream)  # nothing new to send before the deadline
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    with pytest.raises(grpc.RpcError) as err:
+        next(harness.stub.WatchState(pb.WatchStateRequest(client_secret="nope"), timeout=5))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    now = time.time()
+    local = pb.LocalAssignment(flag="flags/home-ranking", unit="user-1", variant="bandit", rule="r",
+                               assignment_id="x", resolve_id="local-1", apply_time=_ts(now))
+    request = pb.ApplyFlagsRequest(client_secret=SECRET, send_time=_ts(now), local_assignments=[local])
+    assert harness.stub.ApplyFlags(request, timeout=10).accepted == 1
+    assert harness.stub.ApplyFlags(request, timeout=10).duplicates == 1
+    bad = pb.ApplyFlagsRequest(client_secret=SECRET, send_time=_ts(now), local_assignments=[
+        pb.LocalAssignment(flag="flags/home-ranking", unit="user-1", variant="nope", resolve_id="l2",
+                           apply_time=_ts(now))])
+    with pytest.raises(grpc.RpcError) as err:
+        harness.stub.ApplyFlags(bad, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    harness.bg.run(harness.servicer.exposures.flush())  # type: ignore[attr-defined]
+    rows = read_table(harness.lake, "exposures").to_pylist()
+    assert [(r["unit"], r["variant"]) for r in rows] == [("user-1", "flags/home-ranking/variants/bandit")]

@@ -40,7 +40,7 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 FLAG_KEYS = {"flag", "description", "owner", "clients", "archived", "variants", "default", "rules", "schema"}
 RULE_KEYS = {"name", "description", "when", "serve", "rollout", "experiment", "overrides", "environments",
              "enabled", "targeting_key"}
-EXPERIMENT_KEYS = {"name", "allocation", "arms", "namespace", "exclusive_with", "bucket_count"}
+EXPERIMENT_KEYS = {"name", "allocation", "arms", "namespace", "exclusive_with", "bucket_count", "sticky"}
 
 
 @dataclass
@@ -423,8 +423,18 @@ def _compile(f: _Folder, lock: dict | None) -> CompileResult:
                 rules_out.append({"name": f"flags/{flag_name}/rules/holdout--{namespace}",
                                   "segment": holdouts[namespace], **base,
                                   "assignmentSpec": full(f"holdout--{namespace}", default_variant)})
-            rules_out.append({"name": rule_id, "segment": seg_name, **base,
-                              "assignmentSpec": {"bucketCount": bucket_count, "assignments": assignments}})
+            experiment_rule = {"name": rule_id, "segment": seg_name, **base,
+                               "assignmentSpec": {"bucketCount": bucket_count, "assignments": assignments}}
+            sticky = exp.get("sticky", False)
+            if not isinstance(sticky, bool):
+                f.error(exp, "`sticky` is true or false", "sticky")
+            elif sticky:
+                # Units keep the variant they first got, even after targeting, allocation or weights change.
+                materialization = f"materializations/{flag_name}--{rname}"
+                experiment_rule["materializationSpec"] = {
+                    "readMaterialization": materialization, "writeMaterialization": materialization,
+                    "mode": {"segmentTargetingCanBeIgnored": True}}
+            rules_out.append(experiment_rule)
 
         if default_variant:
             rules_out.append({"name": f"flags/{flag_name}/rules/default", "segment": EVERYONE, "enabled": True,

@@ -1,7 +1,13 @@
-"""YAML loading that remembers where each mapping and list item came from (for error messages)."""
+"""YAML loading that remembers where each mapping and list item came from (for error messages).
+
+Booleans are YAML 1.2's `true`/`false` only: YAML 1.1 also reads `yes`, `no`, `on` and `off` as
+booleans, which turns the country code `NO` or a variant named `on` into a boolean (the "Norway
+problem"), a classic source of silent targeting bugs.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +38,12 @@ class LocatedList(list):
 def _make_loader(file: str) -> type[yaml.SafeLoader]:
     class Loader(yaml.SafeLoader):
         pass
+
+    bool_tag = "tag:yaml.org,2002:bool"
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != bool_tag]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
     def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> Located:
         loader.flatten_mapping(node)
