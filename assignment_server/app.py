@@ -8,10 +8,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from assignment_server.resolver import InMemoryMaterializations, MaterializationStore, SqliteMaterializations
-from assignment_server.service import SERVICE_NAME, FlagResolverServicer
+from assignment_server.service import SERVICE_NAME, FlagResolverServicer, add_to_server
 from assignment_server.state_source import StateSource
 from assignment_server.tokens import TokenCodec, load_key
-from protos.twofold.assignment.v1 import assignment_pb2_grpc as pb_grpc
 from twofold.lake import LakeWriter
 from twofold.server import RunningServer, ServiceRegistration, ServiceSetup
 from twofold.settings import ServerSettings
@@ -58,7 +57,7 @@ def build_setup(args: argparse.Namespace) -> Callable[[ServerSettings], Awaitabl
                 close()
 
         return ServiceSetup(
-            services=[ServiceRegistration(SERVICE_NAME, servicer, pb_grpc.add_FlagResolverServiceServicer_to_server)],
+            services=[ServiceRegistration(SERVICE_NAME, servicer, add_to_server)],
             on_started=on_started, on_stop=on_stop)
 
     return setup

@@ -311,3 +311,12 @@ def test_watch_state_skips_a_known_generation_and_local_exposures_are_accepted(h
     harness.bg.run(harness.servicer.exposures.flush())  # type: ignore[attr-defined]
     rows = read_table(harness.lake, "exposures").to_pylist()
     assert [(r["unit"], r["variant"]) for r in rows] == [("user-1", "flags/home-ranking/variants/bandit")]
+
+
+def test_undecodable_request_bytes_do_not_hurt_the_server(harness: Harness) -> None:
+    raw = harness.channel.unary_unary("/twofold.assignment.v1.FlagResolverService/ResolveFlags",
+                                      request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError) as err:
+        raw(b"\xff\xff\xff\xff not a protobuf", timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert harness.resolve("user-1").resolved_flags[0].reason == pb.RESOLVE_REASON_MATCH
