@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -167,6 +168,9 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
         self._structs_generation = -1
         self._resolve_children: dict[tuple[str, str, str], Any] = {}
         self._snapshots: dict[tuple[int, str], bytes] = {}
+        # Resolve ids: unique without a system call per resolve (random per process + counter).
+        self._id_prefix = os.urandom(8).hex()
+        self._id_counter = itertools.count()
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -250,7 +254,7 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
             returned = {f.flag for f in results}
             results = results + [ResolvedFlag(n, Reason.FLAG_ARCHIVED) for n in dict.fromkeys(names)
                                  if n not in returned]
-        resolve_id = os.urandom(16).hex()
+        resolve_id = f"{self._id_prefix}{next(self._id_counter):016x}"
         response = pb.ResolveFlagsResponse(resolve_id=resolve_id)
         out = response.resolved_flags
         to_apply: dict[str, tuple[TokenAssignment, ...]] = {}
