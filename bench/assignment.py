@@ -4,20 +4,20 @@
     `growthbook` SDK evaluating an equivalent feature: median microseconds per evaluation.
 (b) ResolveFlags over gRPC against a bare `grpc.aio` echo server started by this script
     (`twofold.echo.start_bare_echo`): p50/p99 latency and throughput at concurrency 1 and 32.
-    Each server runs in its own child process; the client is one grpc.aio process. A third
-    server, the echo service behind the shared Twofold runtime (metrics, health, limits), shows
-    how much of the gap is the runtime every Twofold server pays rather than the resolver.
+    Each server is its own `twofold` process (`bench.common.spawn`; the bare one is
+    `serve-echo --bare`, i.e. `twofold.echo.start_bare_echo`); the client is this process, with
+    bench.common's closed-loop generator. A third server, the echo behind the shared Twofold
+    runtime (metrics, health, limits), shows how much of the gap every Twofold server pays.
 (c) Durable TrackEvents ingest with batches of 100 (acknowledged = fsynced write-ahead log).
 
-    /work/venv/bin/python bench/assignment.py            # full run
-    /work/venv/bin/python bench/assignment.py --quick    # smoke run
+    /work/venv/bin/python -m bench.assignment            # full run
+    /work/venv/bin/python -m bench.assignment --quick    # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing as mp
 import statistics
 import sys
 import tempfile
@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import LoadResult, measure, print_table, spawn, stop
 
 FLAG_YAML = """
 flag: home-ranking
@@ -100,83 +102,20 @@ def bench_in_process(root: Path, quick: bool) -> None:
     print(f"    ratio twofold/growthbook = {ours_us / theirs_us:.2f}  (goal: twofold <= 5 us)")
 
 
-# -- servers in child processes -------------------------------------------------------------------
+# -- gRPC: every server is its own `twofold` process -------------------------------------------
 
-def _serve_echo(queue: mp.Queue) -> None:
-    from twofold.echo import start_bare_echo
-
-    async def main() -> None:
-        server, port = await start_bare_echo()
-        queue.put(port)
-        await server.wait_for_termination()
-    asyncio.run(main())
-
-
-def _serve_runtime_echo(queue: mp.Queue) -> None:
-    """The echo service behind the shared Twofold runtime (metrics, health, limits): the runtime's own cost."""
-    from twofold import echo
-    from twofold.server import start_server
-    from twofold.settings import ServerSettings
-
-    async def main() -> None:
-        running = await start_server(ServerSettings(port=0, metrics_port=None), [echo.registration()])
-        queue.put(running.port)
-        await running.server.wait_for_termination()
-    asyncio.run(main())
+async def _rounds(calls: dict, concurrency: int, total: int, rounds: int) -> dict[str, LoadResult]:
+    """Alternate the servers round by round (a noisy neighbour hits all alike); keep each one's median round."""
+    results: dict[str, list[LoadResult]] = {name: [] for name in calls}
+    for name, call in calls.items():
+        await measure(name, call, concurrency=concurrency, calls=200, warmup=200)
+    for _ in range(rounds):
+        for name, call in calls.items():
+            results[name].append(await measure(name, call, concurrency=concurrency, calls=total, warmup=0))
+    return {name: sorted(rs, key=lambda r: r.p50_us)[len(rs) // 2] for name, rs in results.items()}
 
 
-def _serve_assignment(queue: mp.Queue, flags: str, lake: str) -> None:
-    import argparse as ap
-    import logging
-
-    from assignment_server.app import build_setup
-    from twofold.server import start_server
-    from twofold.settings import ServerSettings
-
-    logging.disable(logging.WARNING)
-
-    async def main() -> None:
-        args = ap.Namespace(flags=flags, lake=lake, materializations="memory", token_key=None, token_key_file=None,
-                            reload_interval=1.0)
-        settings = ServerSettings(port=0, metrics_port=None)
-        service = await build_setup(args)(settings)
-        running = await start_server(settings, service.services)
-        queue.put(running.port)
-        await running.server.wait_for_termination()
-    asyncio.run(main())
-
-
-def _start_child(target, *args: object) -> tuple[mp.Process, int]:
-    ctx = mp.get_context("spawn")
-    queue: mp.Queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(queue, *args), daemon=True)
-    proc.start()
-    return proc, queue.get(timeout=60)
-
-
-async def _load(call, concurrency: int, total: int) -> tuple[list[float], float]:
-    latencies: list[float] = []
-    remaining = total
-
-    async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            t0 = time.perf_counter()
-            await call()
-            latencies.append(time.perf_counter() - t0)
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, time.perf_counter() - t0
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6
-
-
-async def bench_grpc(echo_port: int, runtime_port: int, assign_port: int, quick: bool) -> None:
+async def bench_grpc(ports: dict[str, int], quick: bool) -> None:
     import grpc
 
     from assignment_server.authoring.compiler import DEFAULT_CLIENT_SECRET
@@ -184,60 +123,45 @@ async def bench_grpc(echo_port: int, runtime_port: int, assign_port: int, quick:
     from protos.twofold.assignment.v1 import assignment_pb2_grpc as pb_grpc
     from protos.twofold.echo.v1 import echo_pb2, echo_pb2_grpc
 
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}") as ec, \
-            grpc.aio.insecure_channel(f"127.0.0.1:{runtime_port}") as rc, \
-            grpc.aio.insecure_channel(f"127.0.0.1:{assign_port}") as ac:
-        echo = echo_pb2_grpc.EchoServiceStub(ec)
-        runtime_echo = echo_pb2_grpc.EchoServiceStub(rc)
-        assign = pb_grpc.FlagResolverServiceStub(ac)
+    channels = {name: grpc.aio.insecure_channel(f"127.0.0.1:{port}") for name, port in ports.items()}
+    try:
+        echo = echo_pb2_grpc.EchoServiceStub(channels["bare echo"])
+        runtime_echo = echo_pb2_grpc.EchoServiceStub(channels["runtime echo"])
+        assign = pb_grpc.FlagResolverServiceStub(channels["assignment"])
         request = pb.ResolveFlagsRequest(flags=["flags/home-ranking"], client_secret=DEFAULT_CLIENT_SECRET)
         request.evaluation_context.update({"targeting_key": "user-42", "country": "SE", "email": "a@b.com"})
-        echo_req = echo_pb2.EchoRequest(payload=request.SerializeToString())
-
-        async def call_echo() -> None:
-            await echo.Echo(echo_req)
-
-        async def call_resolve() -> None:
-            await assign.ResolveFlags(request)
-
-        async def call_runtime_echo() -> None:
-            await runtime_echo.Echo(echo_req)
-
-        print("(b) ResolveFlags over gRPC vs bare grpc.aio echo (same payload size), loopback")
+        echo_req = echo_pb2.EchoRequest(payload=request.SerializeToString())  # same request size
+        calls = {"bare echo": lambda: echo.Echo(echo_req), "runtime echo": lambda: runtime_echo.Echo(echo_req),
+                 "ResolveFlags": lambda: assign.ResolveFlags(request)}
+        print("(b) ResolveFlags over gRPC vs a bare grpc.aio echo, same request size, loopback")
+        rows = []
         for concurrency in (1, 32):
-            total = (1000 if quick else 3000) * (1 if concurrency == 1 else 2)
-            calls = {"echo": call_echo, "runtime echo": call_runtime_echo, "resolve": call_resolve}
-            lat: dict[str, list[float]] = {k: [] for k in calls}
-            wall = dict.fromkeys(calls, 0.0)
-            for call in calls.values():
-                await _load(call, concurrency, 200)
-            # Alternate rounds so a noisy neighbour on the machine hits every side alike.
-            for _ in range(3):
-                for name, call in calls.items():
-                    got, seconds = await _load(call, concurrency, total)
-                    lat[name] += got
-                    wall[name] += seconds
-            e50 = _pct(lat["echo"], 0.5)
-            for name in calls:
-                p50 = _pct(lat[name], 0.5)
-                ratio = "" if name == "echo" else f"   p50 {p50 / e50:.2f}x bare echo"
-                print(f"    c={concurrency:<3} {name:<13} p50 {p50:7.0f} us  p99 {_pct(lat[name], 0.99):7.0f} us  "
-                      f"{len(lat[name]) / wall[name]:7.0f} calls/s{ratio}")
+            total = (600 if quick else 3000) * (1 if concurrency == 1 else 2)
+            got = await _rounds(calls, concurrency, total, 3)
+            for name, r in got.items():
+                p50_ratio, tput_ratio = r.ratio_to(got["bare echo"])
+                rows.append((name, concurrency, r.p50_us, r.p99_us, r.throughput,
+                             f"{p50_ratio:.2f}x", f"{tput_ratio:.2f}x"))
+        print_table(rows, ("server", "conc", "p50 us", "p99 us", "calls/s", "p50 vs bare", "tput vs bare"))
 
-        print("(c) durable TrackEvents ingest, batches of 100 (acknowledged after fsync)")
+        print("(c) durable TrackEvents ingest, batches of 100 (acknowledged after the write-ahead fsync)")
         batch_no = 0
 
-        async def call_track() -> None:
+        async def track() -> None:
             nonlocal batch_no
             batch_no += 1
             events = [pb.Event(event_id=f"{batch_no}-{i}", unit=f"user-{i}", name="purchase", value=1.0)
                       for i in range(100)]
             await assign.TrackEvents(pb.TrackEventsRequest(client_secret=DEFAULT_CLIENT_SECRET, events=events))
 
+        rows = []
         for concurrency in (1, 8):
-            total = (100 if quick else 500)
-            lat, wall = await _load(call_track, concurrency, total)
-            print(f"    c={concurrency:<3} {total * 100 / wall:9.0f} events/s  p50 {_pct(lat, 0.5):7.0f} us per batch")
+            r = await measure("TrackEvents", track, concurrency=concurrency, calls=100 if quick else 600, warmup=20)
+            rows.append(("TrackEvents x100", concurrency, r.p50_us, r.p99_us, r.throughput * 100))
+        print_table(rows, ("call", "conc", "p50 us", "p99 us", "events/s"))
+    finally:
+        for channel in channels.values():
+            await channel.close()
 
 
 def main() -> None:
@@ -247,15 +171,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         bench_in_process(root, args.quick)
-        echo_proc, echo_port = _start_child(_serve_echo)
-        runtime_proc, runtime_port = _start_child(_serve_runtime_echo)
-        assign_proc, assign_port = _start_child(_serve_assignment, str(_flags_dir(root)), str(root / "lake"))
+        local = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1"]
+        servers = {
+            "bare echo": spawn(["serve-echo", "--bare", *local]),
+            "runtime echo": spawn(["serve-echo", *local]),
+            "assignment": spawn(["serve-assignment", "--flags", str(_flags_dir(root)), "--lake", str(root / "lake"),
+                                 "--materializations", "memory", "--log-level", "error", *local]),
+        }
         try:
-            asyncio.run(bench_grpc(echo_port, runtime_port, assign_port, args.quick))
+            asyncio.run(bench_grpc({name: info["port"] for name, (_, info) in servers.items()}, args.quick))
         finally:
-            for proc in (echo_proc, runtime_proc, assign_proc):
-                proc.terminate()
-                proc.join(10)
+            for proc, _ in servers.values():
+                stop(proc)
 
 
 if __name__ == "__main__":
