@@ -15,7 +15,7 @@ experiment's population, so its exposure counts).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -161,10 +161,6 @@ class Resolver:
         if to_write and write_materializations and store is not None:
             store.write(to_write)
         return Resolution(results, client, to_write)
-
-    def resolve_flag(self, flag: Flag, evaluation_context: Mapping[str, Any], client: Client) -> ResolvedFlag:
-        """Resolve one flag object for a known client (no visibility checks; used by tooling)."""
-        return self._resolve_flag(flag, dict(evaluation_context), client, _Evaluation(self, self.materializations), [])
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -339,7 +335,3 @@ def _targeting_key(ctx: dict, selector: str) -> str | None:
         raise _TargetingKeyError(selector)
     return unit
 
-
-def flags_for_client(state: ResolverState, client: Client) -> Sequence[Flag]:
-    """The active flags a client may resolve (what an empty flag list resolves)."""
-    return [f for f in state.flags.values() if f.state == "ACTIVE" and client.name in f.clients]

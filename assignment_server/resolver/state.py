@@ -117,10 +117,6 @@ class Flag:
     rules: tuple[Rule, ...]
 
     @property
-    def active(self) -> bool:
-        return self.state == ACTIVE
-
-    @property
     def uses_materializations(self) -> bool:
         """Whether resolving this flag reads or writes stored sticky assignments."""
         return any(r.read_materialization or r.write_materialization for r in self.rules)
@@ -190,10 +186,6 @@ class ResolverState:
         return cls(account=account_name, flags=flags, segments=segments, clients=clients,
                    bloom_filters=blooms, salt=allocation_salt(account_name), fingerprint=fingerprint,
                    source=doc)
-
-    def to_json(self) -> bytes:
-        """The JSON this state was loaded from (what WatchState streams)."""
-        return json.dumps(self.source, separators=(",", ":"), sort_keys=True).encode()
 
     def client(self, secret: str) -> Client | None:
         return self.clients.get(secret)
