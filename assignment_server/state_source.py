@@ -113,6 +113,13 @@ class StateSource:
             log.error("flag change refused; the last good state keeps serving",
                       extra={"fields": {"source": str(self.path), "problems": problems[:50]}})
             return False
+        if not state.flags and self.current is not None and self.current.state.flags:
+            # Most likely a mount in transition or a deleted folder, not an intent to drop every flag.
+            RELOAD_FAILURES.inc()
+            self._fingerprint = fingerprint
+            log.error("flag change refused: the new source has no flags at all; the last good state keeps serving",
+                      extra={"fields": {"source": str(self.path)}})
+            return False
         for w in warnings:
             log.warning("flag source warning", extra={"fields": {"warning": w}})
         self._swap(state, state_json, fingerprint)

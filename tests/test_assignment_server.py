@@ -209,6 +209,16 @@ def test_hot_reload_swaps_valid_and_refuses_invalid_changes(harness: Harness) ->
     assert harness.servicer.source.current.generation == second.generation  # type: ignore[attr-defined]
     resolved = harness.resolve("user-5", flags=("flags/new-checkout",), country="SE").resolved_flags[0]
     assert resolved.variant == "flags/new-checkout/variants/on"
+
+    # A folder emptied by accident (or a mount in transition) is refused too.
+    failures_before = harness.metric("twofold_assignment_reload_failures_total")
+    for f in harness.flags.glob("*.yaml"):
+        f.unlink()
+    deadline = time.time() + 10
+    while harness.metric("twofold_assignment_reload_failures_total") == failures_before:
+        assert time.time() < deadline, "the emptied folder was not noticed"
+        time.sleep(0.05)
+    assert harness.resolve("user-5").resolved_flags[0].reason == pb.RESOLVE_REASON_MATCH
     stream.cancel()
 
 
