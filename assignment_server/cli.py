@@ -39,9 +39,19 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from assignment_server.app import build_setup
+    from assignment_server.authoring.errors import FlagFileError
+    from assignment_server.resolver import StateError
     from twofold.server import run_service
 
-    return run_service(args, build_setup(args))
+    try:
+        return run_service(args, build_setup(args))
+    except (FlagFileError, StateError, OSError) as exc:
+        # No last good state to fall back to at startup: refuse to start, saying why.
+        problems = [str(p) for p in getattr(exc, "problems", [])] or [str(exc)]
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        print(f"twofold serve-assignment: cannot load the flag source {args.flags}", file=sys.stderr)
+        return 2
 
 
 SERVE = Command(_configure_serve, _run_serve)
