@@ -50,3 +50,14 @@ def test_conformance_command_reports_and_fails_on_a_broken_expectation(tmp_path:
     assert bad.returncode == 1
     assert bad.stdout.strip().splitlines()[-1] == "2 passed, 1 failed"
     assert broken[0]["name"] in bad.stdout
+
+
+def test_resolver_core_imports_without_grpc_or_server_code() -> None:
+    """The SDK evaluates locally with the core: it must not drag in gRPC, protobuf or the server."""
+    code = ("import sys, assignment_server.resolver\n"
+            "heavy = [m for m in ('grpc', 'google.protobuf', 'assignment_server.service', 'numpy', 'yaml')"
+            " if m in sys.modules]\n"
+            "print(heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
