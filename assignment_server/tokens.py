@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import itertools
 import os
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -70,23 +71,24 @@ def load_key(key: str | None = None, key_file: str | None = None) -> tuple[bytes
 
 
 def _pack(parts: list[str]) -> bytes:
-    out = bytearray()
-    for part in parts:
-        data = part.encode()
-        if len(data) > 0xFFFF:
-            raise ValueError("token field too long")
-        out += len(data).to_bytes(2, "big") + data
-    return bytes(out)
+    """`count | length of each part | parts`, big-endian 16-bit counts and lengths."""
+    data = [part.encode() for part in parts]
+    lengths = [len(d) for d in data]
+    if len(data) > 0xFFFF or max(lengths, default=0) > 0xFFFF:
+        raise ValueError("token field too long")
+    return struct.pack(f">H{len(data)}H", len(data), *lengths) + b"".join(data)
 
 
-def _unpack(data: bytes) -> list[str]:
-    parts, i = [], 0
-    while i < len(data):
-        n = int.from_bytes(data[i:i + 2], "big")
-        if i + 2 + n > len(data):
-            raise ValueError("truncated token field")
-        parts.append(data[i + 2:i + 2 + n].decode())
-        i += 2 + n
+def _unpack(payload: bytes) -> list[str]:
+    (count,) = struct.unpack_from(">H", payload)
+    lengths = struct.unpack_from(f">{count}H", payload, 2)
+    offset = 2 + 2 * count
+    if offset + sum(lengths) != len(payload):
+        raise ValueError("token fields do not add up")
+    parts = []
+    for n in lengths:
+        parts.append(payload[offset:offset + n].decode())
+        offset += n
     return parts
 
 
@@ -134,7 +136,7 @@ class TokenCodec:
             return ResolveToken(resolve_id, client, issued, assignments)
         except InvalidTag as exc:
             raise InvalidTokenError("resolve token was not issued by this server or was altered") from exc
-        except (ValueError, IndexError, TypeError, UnicodeDecodeError) as exc:
+        except (ValueError, IndexError, TypeError, UnicodeDecodeError, struct.error) as exc:
             raise InvalidTokenError("malformed resolve token") from exc
 
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import grpc
+from google.protobuf import timestamp_pb2
 
 from assignment_server.authoring.compiler import DEFAULT_CLIENT_SECRET
 from protos.twofold.assignment.v1 import assignment_pb2 as pb
@@ -93,9 +94,7 @@ def _request(unit: str) -> pb.ResolveFlagsRequest:
     return request
 
 
-def _ts(seconds: float):
-    from google.protobuf import timestamp_pb2
-
+def _ts(seconds: float) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
     return ts
