@@ -206,7 +206,17 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
             child = self._resolve_children[key] = RESOLVES.labels(*key)
         child.inc()
 
-    async def _write_exposures(self, records: list[dict[str, Any]]) -> tuple[int, int]:
+    async def _durable_append(self, writer: LakeWriter, records: list[dict[str, Any]],
+                              context: grpc.aio.ServicerContext) -> None:
+        """Append and wait for the fsync; a lake failure is UNAVAILABLE (the client retries, ids dedup)."""
+        try:
+            await writer.append(records)
+        except Exception as exc:
+            log.error("lake write failed", extra={"fields": {"table": writer.table, "error": repr(exc)}})
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"could not store {writer.table} durably; retry")
+
+    async def _write_exposures(self, records: list[dict[str, Any]],
+                               context: grpc.aio.ServicerContext) -> tuple[int, int]:
         """Write records not seen before; (accepted, duplicates). Durable when this returns."""
         fresh, duplicates, batch_ids = [], 0, set()
         for r in records:
@@ -220,7 +230,7 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
             for r in fresh:
                 self._seen_exposures.add(r["exposure_id"])
             try:
-                await self.exposures.append(fresh)
+                await self._durable_append(self.exposures, fresh, context)
             except BaseException:
                 self._seen_exposures.discard_all(batch_ids)  # not durable: a retry must be accepted
                 raise
@@ -274,7 +284,7 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
             now = int(time.time() * 1_000_000)
             await self._write_exposures([
                 self._exposure(resolve_id, flag, a, client.name, now)
-                for flag, items in to_apply.items() for a in items])
+                for flag, items in to_apply.items() for a in items], context)
         elif to_apply:
             response.resolve_token = self.tokens.seal(new_token(resolve_id, client.name, to_apply))
         return response
@@ -343,7 +353,7 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
             records.append(self._exposure(la.resolve_id, name, TokenAssignment(la.unit, la.rule, "", variant,
                                                                                la.assignment_id),
                                           client.name, corrected(la.apply_time)))
-        accepted, duplicates = await self._write_exposures(records)
+        accepted, duplicates = await self._write_exposures(records, context)
         return pb.ApplyFlagsResponse(accepted=accepted, duplicates=duplicates)
 
     # -- TrackEvents ----------------------------------------------------------------------------
@@ -383,7 +393,7 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
             for eid in batch_ids:
                 self._seen_events.add(eid)
             try:
-                await self.events.append(records)
+                await self._durable_append(self.events, records, context)
             except BaseException:
                 self._seen_events.discard_all(batch_ids)
                 raise

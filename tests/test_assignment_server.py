@@ -330,3 +330,21 @@ def test_undecodable_request_bytes_do_not_hurt_the_server(harness: Harness) -> N
         raw(b"\xff\xff\xff\xff not a protobuf", timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert harness.resolve("user-1").resolved_flags[0].reason == pb.RESOLVE_REASON_MATCH
+
+
+def test_a_failing_lake_is_unavailable_and_a_retry_is_accepted(harness: Harness) -> None:
+    events = [pb.Event(event_id="retry-me", unit="u", name="n")]
+    writer = harness.servicer.events  # type: ignore[attr-defined]
+    harness.bg.run(writer.close())  # the writer refuses appends from now on
+    with pytest.raises(grpc.RpcError) as err:
+        harness.stub.TrackEvents(pb.TrackEventsRequest(client_secret=SECRET, events=events), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    from twofold.lake import LakeWriter
+
+    fresh = LakeWriter(harness.lake, "events")
+    harness.bg.run(fresh.start())
+    harness.servicer.events = fresh  # type: ignore[attr-defined]
+    reply = harness.stub.TrackEvents(pb.TrackEventsRequest(client_secret=SECRET, events=events), timeout=10)
+    assert (reply.accepted, reply.duplicates) == (1, 0)  # the failed attempt did not poison the id
+    harness.bg.run(fresh.close())
