@@ -61,3 +61,32 @@ def test_resolver_core_imports_without_grpc_or_server_code() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def _as_protobuf_json(spec: dict) -> dict:
+    """The same state in the protobuf-JSON layout of Confidence's ResolverState message."""
+    import base64
+    import gzip
+
+    from assignment_server.resolver import Bitset
+
+    bitsets = []
+    for segment, value in spec["bitsets"].items():
+        if value == "ALL":
+            bitsets.append({"segment": segment, "fullBitset": True})
+        else:
+            bits = Bitset.from_indices(value).bits
+            bitsets.append({"segment": segment, "gzippedBitset": base64.b64encode(gzip.compress(bits)).decode()})
+    clients = [entry["client"] for entry in spec["clients"].values()]
+    credentials = [entry["clientCredential"] for entry in spec["clients"].values()]
+    return {"account": spec["account"], "flags": list(spec["flags"].values()),
+            "segmentsNoBitsets": list(spec["segments"].values()), "bitsets": bitsets,
+            "bloomFilters": spec["bloomFilters"], "clients": clients, "clientCredentials": credentials}
+
+
+@pytest.mark.skipif(not CASES, reason="conformance data not present")
+def test_protobuf_json_layout_resolves_identically() -> None:
+    spec = json.loads((SPEC / "state.json").read_text())
+    state = ResolverState.from_json(json.dumps(_as_protobuf_json(spec)))
+    failures = [r for r in (run_case(state, case) for case in CASES) if not r.passed]
+    assert not failures, failures[:3]
