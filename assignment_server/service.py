@@ -164,8 +164,9 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
         self.materializations = materializations
         self._seen_exposures = RecentIds()
         self._seen_events = RecentIds()
-        self._structs: dict[int, struct_pb2.Struct] = {}
-        self._structs_generation = -1
+        self._messages: dict[tuple, pb.ResolvedFlag] = {}
+        self._resolver_cache: Resolver | None = None
+        self._cache_generation = -1
         self._resolve_children: dict[tuple[str, str, str], Any] = {}
         self._snapshots: dict[tuple[int, str], bytes] = {}
         # Resolve ids: unique without a system call per resolve (random per process + counter).
@@ -188,16 +189,33 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
         assert client is not None
         return client
 
-    def _struct(self, served: Served, value: Any) -> struct_pb2.Struct:
-        if served.generation != self._structs_generation:
-            self._structs = {}
-            self._structs_generation = served.generation
-        cached = self._structs.get(id(value))
-        if cached is None:
-            cached = struct_pb2.Struct()
-            cached.update(value)
-            self._structs[id(value)] = cached
-        return cached
+    def _per_generation(self, served: Served) -> None:
+        """Drop caches built for an older state (their values belong to it)."""
+        if served.generation != self._cache_generation:
+            self._messages = {}
+            self._resolver_cache = Resolver(served.state, self.materializations)
+            self._cache_generation = served.generation
+
+    def _resolver(self, served: Served) -> Resolver:
+        self._per_generation(served)
+        assert self._resolver_cache is not None
+        return self._resolver_cache
+
+    def _message(self, served: Served, f: ResolvedFlag) -> pb.ResolvedFlag:
+        """The protobuf of a result, built once per distinct result (values are large to rebuild)."""
+        self._per_generation(served)
+        key = (f.flag, f.variant, f.reason, f.should_apply, f.rule, f.segment, f.assignment_id)
+        message = self._messages.get(key)
+        if message is None:
+            message = pb.ResolvedFlag(flag=f.flag, variant=f.variant, reason=_REASONS[f.reason],
+                                      should_apply=f.should_apply, rule=f.rule, segment=f.segment,
+                                      assignment_id=f.assignment_id)
+            if f.value:
+                message.value.update(f.value)
+            if len(self._messages) >= 100_000:
+                self._messages.clear()
+            self._messages[key] = message
+        return message
 
     def _count(self, flag: ResolvedFlag) -> None:
         key = (flag.flag, flag.variant, flag.reason.value)
@@ -256,11 +274,11 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
                                 f"unknown flag(s) for this client: {', '.join(sorted(set(missing))[:20])}")
         ctx = struct_to_dict(request.evaluation_context)
         try:
-            resolution = Resolver(state, self.materializations).resolve_request(names, ctx, request.client_secret)
+            resolution = self._resolver(served).resolve_request(names, ctx, request.client_secret)
         except TooManyFlagsError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         results = resolution.flags
-        if names:  # archived flags the caller asked for by name are reported, not silently dropped
+        if len(results) < len(names):  # archived flags asked for by name are reported, not silently dropped
             returned = {f.flag for f in results}
             results = results + [ResolvedFlag(n, Reason.FLAG_ARCHIVED) for n in dict.fromkeys(names)
                                  if n not in returned]
@@ -269,10 +287,7 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
         out = response.resolved_flags
         to_apply: dict[str, tuple[TokenAssignment, ...]] = {}
         for f in results:
-            item = out.add(flag=f.flag, variant=f.variant, reason=_REASONS[f.reason], should_apply=f.should_apply,
-                           rule=f.rule, segment=f.segment, assignment_id=f.assignment_id)
-            if f.value:
-                item.value.CopyFrom(self._struct(served, f.value))
+            out.append(self._message(served, f))
             self._count(f)
             if f.should_apply:
                 items = [TokenAssignment(ft.targeting_key, ft.rule, "", "", ft.assignment_id)
