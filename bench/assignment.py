@@ -104,15 +104,23 @@ def bench_in_process(root: Path, quick: bool) -> None:
 
 # -- gRPC: every server is its own `twofold` process -------------------------------------------
 
-async def _rounds(calls: dict, concurrency: int, total: int, rounds: int) -> dict[str, LoadResult]:
-    """Alternate the servers round by round (a noisy neighbour hits all alike); keep each one's median round."""
+async def _rounds(calls: dict, concurrency: int, total: int,
+                  rounds: int) -> tuple[dict[str, LoadResult], dict[str, float]]:
+    """Alternate the servers round by round (a noisy neighbour hits all alike).
+
+    Returns each server's median round, and the median over rounds of its p50 ratio to the first
+    server measured in the same round (paired ratios cancel slow drifts in machine load).
+    """
     results: dict[str, list[LoadResult]] = {name: [] for name in calls}
     for name, call in calls.items():
         await measure(name, call, concurrency=concurrency, calls=200, warmup=200)
     for _ in range(rounds):
         for name, call in calls.items():
             results[name].append(await measure(name, call, concurrency=concurrency, calls=total, warmup=0))
-    return {name: sorted(rs, key=lambda r: r.p50_us)[len(rs) // 2] for name, rs in results.items()}
+    base = next(iter(calls))
+    paired = {name: statistics.median(r.p50_us / b.p50_us for r, b in zip(rs, results[base], strict=True))
+              for name, rs in results.items()}
+    return {name: sorted(rs, key=lambda r: r.p50_us)[len(rs) // 2] for name, rs in results.items()}, paired
 
 
 async def bench_grpc(ports: dict[str, int], quick: bool) -> None:
@@ -136,13 +144,14 @@ async def bench_grpc(ports: dict[str, int], quick: bool) -> None:
         print("(b) ResolveFlags over gRPC vs a bare grpc.aio echo, same request size, loopback")
         rows = []
         for concurrency in (1, 32):
-            total = (600 if quick else 3000) * (1 if concurrency == 1 else 2)
-            got = await _rounds(calls, concurrency, total, 3)
+            total = (600 if quick else 2000) * (1 if concurrency == 1 else 2)
+            got, paired = await _rounds(calls, concurrency, total, 5)
             for name, r in got.items():
                 p50_ratio, tput_ratio = r.ratio_to(got["bare echo"])
                 rows.append((name, concurrency, r.p50_us, r.p99_us, r.throughput,
-                             f"{p50_ratio:.2f}x", f"{tput_ratio:.2f}x"))
-        print_table(rows, ("server", "conc", "p50 us", "p99 us", "calls/s", "p50 vs bare", "tput vs bare"))
+                             f"{p50_ratio:.2f}x", f"{paired[name]:.2f}x", f"{tput_ratio:.2f}x"))
+        print_table(rows, ("server", "conc", "p50 us", "p99 us", "calls/s", "p50 vs bare", "paired p50 ratio",
+                           "tput vs bare"))
 
         print("(c) durable TrackEvents ingest, batches of 100 (acknowledged after the write-ahead fsync)")
         batch_no = 0
