@@ -276,6 +276,7 @@ def _compile(f: _Folder, lock: dict | None) -> CompileResult:
 
         rules_out: list[dict] = []
         rule_names: set[str] = set()
+        holdout_rules: set[str] = set()  # namespaces whose holdout rule this flag already has
         raw_rules = doc.get("rules") or LocatedList()
         if not isinstance(raw_rules, list):
             f.error(doc, "`rules` is a list", "rules")
@@ -419,7 +420,8 @@ def _compile(f: _Folder, lock: dict | None) -> CompileResult:
                                     "variant": {"variant": ref},
                                     "bucketRanges": [{"lower": lower, "upper": upper}]})
                 lower = upper
-            if namespace and namespace in holdouts:
+            if namespace and namespace in holdouts and namespace not in holdout_rules:
+                holdout_rules.add(namespace)
                 rules_out.append({"name": f"flags/{flag_name}/rules/holdout--{namespace}",
                                   "segment": holdouts[namespace], **base,
                                   "assignmentSpec": full(f"holdout--{namespace}", default_variant)})

@@ -139,6 +139,8 @@ class Resolver:
         the store (when there is one) before returning.
         """
         state = self.state
+        if isinstance(flag_names, str):  # resolve("flags/x", ...) means one flag, not its characters
+            flag_names = [flag_names]
         client = state.clients.get(client_secret)
         if client is None:
             raise UnknownClientError("client secret not found")
