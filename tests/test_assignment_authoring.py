@@ -137,3 +137,33 @@ rules:
 """)
     assert _resolve(folder, {"targeting_key": "u", "country": "NO"}) == ("on", "norway")
     assert _resolve(folder, {"targeting_key": "u", "country": "DK"}) == ("off", "default")
+
+
+def test_holdout_rule_once_per_flag_and_units_of_the_holdout_get_the_default(tmp_path: Path) -> None:
+    folder = _folder(tmp_path, """
+namespace: home
+holdout: 20%
+---
+flag: f
+variants: {a: {x: 1}, b: {x: 2}, c: {x: 3}}
+default: c
+rules:
+  - name: first
+    when: {attribute: platform, eq: web}
+    experiment: {allocation: 30%, namespace: home, arms: {a: 1, b: 1}}
+  - name: second
+    experiment: {allocation: 30%, namespace: home, arms: {a: 1, b: 1}}
+""")
+    state = compile_folder(folder).state
+    names = [r["name"].rpartition("/")[2] for r in state["flags"]["flags/f"]["rules"]]
+    assert names == ["holdout--home", "first", "second", "default"]
+    r = Resolver(ResolverState.from_dict(state))
+    seen: dict[str, int] = {}
+    for i in range(20_000):
+        got = r.resolve("flags/f", {"targeting_key": f"u{i}", "platform": "web"}, DEFAULT_CLIENT_SECRET)[0]
+        key = f"{got.rule.rpartition('/')[2]}:{got.variant_name}"
+        seen[key] = seen.get(key, 0) + 1
+    assert abs(seen["holdout--home:c"] / 20_000 - 0.20) < 0.015
+    assert abs((seen["first:a"] + seen["first:b"]) / 20_000 - 0.30) < 0.015
+    assert abs((seen["second:a"] + seen["second:b"]) / 20_000 - 0.30) < 0.015
+    assert abs(seen["default:c"] / 20_000 - 0.20) < 0.015
