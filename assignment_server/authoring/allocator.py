@@ -48,7 +48,7 @@ class SegmentRequest:
         return f"namespace:{self.namespace}" if self.namespace else f"segment:{self.segment}"
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=16)  # 4 MB each; namespaces are few, private ones are recomputed (~0.1 s)
 def permutation(key: str) -> np.ndarray:
     """Bucket ids in the claim order of `key`: argsort of a SplitMix64 stream (stable, numpy-version proof)."""
     seed = _U64(hash_key(f"twofold-allocation|{key}"))
