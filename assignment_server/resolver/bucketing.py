@@ -3,6 +3,10 @@
 `hash(key)` is MurmurHash3 x64 128 (seed 0) of the key's UTF-8 bytes, of which the low 64 bits
 (`h1`) are kept as an unsigned integer; `bucket(key, n) = (hash(key) >> 4) % n`. The shift by 4
 is inherited from Confidence's Java resolver and must stay for states to resolve identically.
+
+`mmh3.hash64(key)` (x64 variant, seed 0) returns signed halves; they are masked to unsigned.
+Positional `hash64(key, 0, True, False)` did *not* give the unsigned x64 result with mmh3 5.3,
+so only the defaults are used: the contract's two test vectors guard this.
 """
 
 from __future__ import annotations
