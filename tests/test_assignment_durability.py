@@ -18,7 +18,7 @@ from google.protobuf import timestamp_pb2
 from assignment_server.authoring.compiler import DEFAULT_CLIENT_SECRET
 from protos.twofold.assignment.v1 import assignment_pb2 as pb
 from protos.twofold.assignment.v1 import assignment_pb2_grpc as pb_grpc
-from twofold.lake import iter_ids
+from twofold.lake import iter_ids, read_table
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "flags"
@@ -65,6 +65,11 @@ def test_sigkill_loses_no_acknowledged_event_and_duplicates_none(tmp_path: Path)
             stub.TrackEvents(pb.TrackEventsRequest(client_secret=DEFAULT_CLIENT_SECRET, events=events), timeout=10)
             acknowledged.extend(e.event_id for e in events)
         token_response = stub.ResolveFlags(_request("user-1"), timeout=10)
+        applied = []
+        for i in range(30):  # exposures logged at resolve time, acknowledged = durable
+            request = _request(f"exposed-{i}")
+            request.apply = True
+            applied.append(stub.ResolveFlags(request, timeout=10).resolve_id)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
 
@@ -85,7 +90,9 @@ def test_sigkill_loses_no_acknowledged_event_and_duplicates_none(tmp_path: Path)
         proc2.wait(timeout=30)
     ids = list(iter_ids(tmp_path / "lake", "events"))
     assert sorted(ids) == sorted(acknowledged)  # every acknowledged event, each exactly once
-    assert len(list(iter_ids(tmp_path / "lake", "exposures"))) == 1
+    exposures = read_table(tmp_path / "lake", "exposures", dedup=False).to_pylist()
+    assert len(exposures) == 31 and len({e["exposure_id"] for e in exposures}) == 31
+    assert {e["resolve_id"] for e in exposures} == {*applied, token_response.resolve_id}
 
 
 def _request(unit: str) -> pb.ResolveFlagsRequest:

@@ -181,6 +181,10 @@ def test_track_events_durable_and_deduplicated(harness: Harness) -> None:
         harness.stub.TrackEvents(pb.TrackEventsRequest(client_secret=SECRET, events=[
             pb.Event(event_id="ok", unit="u", name="n"), pb.Event(event_id="", unit="u", name="n")]), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:  # an oversized batch
+        harness.stub.TrackEvents(pb.TrackEventsRequest(client_secret=SECRET, events=[
+            pb.Event(event_id=f"x{i}", unit="u", name="n") for i in range(10_001)]), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "twofold_assignment_events_total{result=\"accepted\"}" in harness.metric("twofold_assignment_events")
 
 
