@@ -97,7 +97,7 @@ def test_invalid_records_fail_their_own_call_only(tmp_path: Path) -> None:
     writer = LakeWriter(tmp_path, "events", compact_interval_s=60)
     writer.start_sync()
     try:
-        with pytest.raises(ValueError, match="event_id is required"):
+        with pytest.raises(ValueError, match="event_id and ts are required"):
             writer.append_sync([{"ts": 1}])
         with pytest.raises(ValueError, match="unknown columns"):
             writer.append_sync([{**_event(1), "color": "red"}])

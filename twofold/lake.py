@@ -113,7 +113,7 @@ def read_frames(path: Path) -> Iterator[list[dict[str, Any]]]:
 
 @dataclass
 class _Pending:
-    payload: bytes
+    records: Sequence[Mapping[str, Any]]
     count: int
     future: concurrent.futures.Future[None]
 
@@ -225,8 +225,10 @@ class LakeWriter:
     def append_nowait(self, records: Sequence[Mapping[str, Any]]) -> concurrent.futures.Future[None]:
         """Queue records; the future completes once they are fsynced (or fails with the reason).
 
-        Validation happens here, in the caller's thread, so a bad record fails its own call
-        instead of a whole group commit.
+        Only a cheap check runs here, in the caller's thread (usually an event loop serving
+        requests); encoding happens on the writer thread. A record that cannot be encoded fails
+        its own call, never the group commit it shares. Callers must not mutate `records`
+        after handing them over.
         """
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
         if not records:
@@ -235,12 +237,12 @@ class LakeWriter:
         if self._closed or not self._started:
             future.set_exception(RuntimeError(f"lake writer for {self.table} is not running"))
             return future
-        try:
-            payload = self._encode(records)
-        except (TypeError, ValueError) as exc:
-            future.set_exception(ValueError(f"invalid {self.table} record: {exc}"))
-            return future
-        self._queue.put(_Pending(payload, len(records), future))
+        id_column = self._id_column
+        for record in records:
+            if not record.get(id_column) or "ts" not in record:
+                future.set_exception(ValueError(f"invalid {self.table} record: {id_column} and ts are required"))
+                return future
+        self._queue.put(_Pending(records, len(records), future))
         return future
 
     async def append(self, records: Sequence[Mapping[str, Any]]) -> None:
@@ -256,7 +258,7 @@ class LakeWriter:
         if not self._started or self._closed:
             return
         barrier: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._queue.put(_Pending(b"", 0, barrier))
+        self._queue.put(_Pending((), 0, barrier))
         barrier.result(timeout)
         with self._state_lock:
             waiting = list(self._pending_segments)
@@ -268,14 +270,10 @@ class LakeWriter:
         await asyncio.to_thread(self.flush_sync)
 
     def _encode(self, records: Sequence[Mapping[str, Any]]) -> bytes:
-        names = self.schema.names
+        names = set(self.schema.names)
         rows = []
         for record in records:
-            if not record.get(self._id_column):
-                raise ValueError(f"{self._id_column} is required")
-            if "ts" not in record:
-                raise ValueError("ts is required")
-            unknown = set(record) - set(names)
+            unknown = record.keys() - names
             if unknown:
                 raise ValueError(f"unknown columns {sorted(unknown)}")
             row = dict(record)
@@ -342,12 +340,23 @@ class LakeWriter:
 
     def _commit(self, batch: list[_Pending]) -> None:
         """Write every pending append as a frame and fsync once for all of them."""
-        writes = [p for p in batch if p.count]
+        writes: list[_Pending] = []
+        frames: list[bytes] = []
+        for pending in batch:
+            if not pending.count:
+                continue
+            try:
+                payload = self._encode(pending.records)
+            except (TypeError, ValueError) as exc:
+                pending.future.set_exception(ValueError(f"invalid {self.table} record: {exc}"))
+                continue
+            writes.append(pending)
+            frames.append(_FRAME.pack(len(payload), zlib.crc32(payload)) + payload)
         if not writes:
             return
         segment = self._segment
         assert segment is not None
-        data = b"".join(_FRAME.pack(len(p.payload), zlib.crc32(p.payload)) + p.payload for p in writes)
+        data = b"".join(frames)
         try:
             written = os.write(segment.fd, data)
             if written != len(data):

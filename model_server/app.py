@@ -1,0 +1,68 @@
+"""Assembling the model server: repository, decision log, the two gRPC services, lifecycle hooks."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from model_server import inference, service
+from model_server.decision_log import DecisionLog
+from model_server.repository import ModelRepository, VersionPolicy
+from twofold.server import RunningServer, ServiceSetup
+
+log = logging.getLogger("twofold.model")
+
+
+@dataclass(frozen=True)
+class ModelServerConfig:
+    """What `twofold serve-model` is told besides the shared transport settings."""
+
+    repository: str
+    lake: str | None = "data/lake"
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    poll_seconds: float = 1.0
+    durable_decisions: bool = False
+    lake_compact_interval_s: float = 2.0
+
+
+@dataclass
+class ModelServerParts:
+    """The live pieces, for tests and embedding (e.g. the demo runs the server in-process)."""
+
+    repository: ModelRepository
+    decisions: DecisionLog | None
+    setup: ServiceSetup
+
+
+async def build(config: ModelServerConfig) -> ModelServerParts:
+    """Load the repository once (so the server starts ready), open the decision log, wire services."""
+    repository = ModelRepository(config.repository, config.version_policy, config.poll_seconds)
+    await repository.refresh()
+    if repository.generation == 0:
+        repository.generation = 1  # scanned, even if empty: the server is ready to answer
+    decisions: DecisionLog | None = None
+    if config.lake:
+        from twofold.lake import LakeWriter
+
+        writer = LakeWriter(root=os.fspath(config.lake), table="decisions",
+                            compact_interval_s=config.lake_compact_interval_s)
+        await writer.start()
+        decisions = DecisionLog(writer, durable=config.durable_decisions)
+
+    async def on_started(running: RunningServer) -> None:
+        repository.start_watching()
+        log.info("model server ready", extra={"fields": {
+            "repository": config.repository, "lake": config.lake, "port": running.port,
+            "policy": config.version_policy.describe(),
+            "models": {n: list(m.versions) for n, m in repository.snapshot.models.items()}}})
+
+    async def on_stop() -> None:
+        await repository.stop_watching()
+        if decisions is not None:
+            await decisions.close()
+
+    setup = ServiceSetup(
+        services=[service.registration(repository, decisions), inference.registration(repository)],
+        on_started=on_started, on_stop=on_stop)
+    return ModelServerParts(repository, decisions, setup)

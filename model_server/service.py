@@ -1,0 +1,178 @@
+"""The `twofold.model.v1.ModelService` servicer: Predict, Score, Decide, ListModels.
+
+Thin on purpose (the MLServer way): it resolves the model version once, validates the input
+through the version's `LoadedModel`, runs ONNX Runtime inline on the event loop (a row costs
+microseconds; a thread hop would cost more) and shapes the response. Every refusal carries a
+status and a message saying what was wrong, and is counted by reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import grpc
+import numpy as np
+
+from model_server.decision_log import DecisionLog
+from model_server.errors import RequestError, invalid
+from model_server.metrics import count_failure
+from model_server.repository import ModelRepository
+from model_server.runtime import LoadedModel, rows_from_bytes
+from protos.twofold.model.v1 import model_pb2, model_pb2_grpc
+from twofold.server import ServiceRegistration
+
+log = logging.getLogger("twofold.model.service")
+
+SERVICE_NAME = model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+_perf = time.perf_counter
+
+
+async def refuse(context: grpc.aio.ServicerContext, error: RequestError, model_name: str,
+                 model: LoadedModel | None) -> None:
+    """Count the failure and abort the call with its status and message."""
+    if model is not None:
+        model.metrics.failure(error.reason)
+    else:
+        count_failure(model_name, "", error.reason)
+    await context.abort(error.code, error.message)
+
+
+async def internal(context: grpc.aio.ServicerContext, exc: Exception, model_name: str,
+                   model: LoadedModel | None, method: str) -> None:
+    """An unexpected error: logged with its traceback, answered INTERNAL, the server keeps serving."""
+    log.exception("unexpected error", extra={"fields": {"model": model_name, "method": method}})
+    await refuse(context, RequestError(grpc.StatusCode.INTERNAL, f"{method} failed: {exc}", "internal"),
+                 model_name, model)
+
+
+class ModelServicer(model_pb2_grpc.ModelServiceServicer):
+    """Serves the models of one repository; logs decisions when given a decision log."""
+
+    def __init__(self, repository: ModelRepository, decisions: DecisionLog | None = None) -> None:
+        self.repository = repository
+        self.decisions = decisions
+
+    async def Predict(self, request: model_pb2.PredictRequest,
+                      context: grpc.aio.ServicerContext) -> model_pb2.PredictResponse:
+        model = None
+        try:
+            model = self.repository.get(request.model, request.version)
+            which = request.WhichOneof("input")
+            if which == "dense":
+                dense = request.dense
+                x = model.dense(dense.data, dense.rows, dense.cols)
+            elif which == "named":
+                x = model.named(request.named.values)
+            else:
+                raise invalid("Predict needs `dense` rows or `named` features", "missing_input")
+            metrics = model.metrics.methods["Predict"]
+            t0 = _perf()
+            out = model.predict(x)
+            metrics.latency.observe(_perf() - t0)
+            metrics.requests.inc()
+            metrics.batch.observe(x.shape[0])
+            return model_pb2.PredictResponse(
+                model=model.name, version=model.version, outputs=out.ravel().tolist(),
+                rows=out.shape[0], cols=out.shape[1], output_names=model.manifest.output_names)
+        except RequestError as error:
+            await refuse(context, error, request.model, model)
+        except Exception as exc:
+            await internal(context, exc, request.model, model, "Predict")
+        raise AssertionError("unreachable")  # abort() raises
+
+    async def Score(self, request: model_pb2.ScoreRequest,
+                    context: grpc.aio.ServicerContext) -> model_pb2.ScoreResponse:
+        model = None
+        try:
+            model = self.repository.get(request.model, request.version)
+            if model.is_policy:
+                raise invalid(f"model {model.name!r} is a bandit policy; ask it with Decide", "wrong_method")
+            if not request.HasField("candidates"):
+                raise invalid("Score needs `candidates` rows", "missing_input")
+            c = request.candidates
+            x = rows_from_bytes(c.data, c.rows, c.cols, "candidates")
+            if request.HasField("context"):
+                ctx = rows_from_bytes(request.context.data, request.context.rows, request.context.cols, "context")
+                if ctx.shape[0] != 1:
+                    raise invalid(f"context must be a single row, got {ctx.shape[0]}", "wrong_shape")
+                if ctx.shape[1] + x.shape[1] != model.width:
+                    raise invalid(f"context ({ctx.shape[1]} columns) + candidates ({x.shape[1]} columns) must "
+                                  f"make the {model.width} features of model {model.name!r}", "wrong_shape")
+                x = np.hstack([np.broadcast_to(ctx, (x.shape[0], ctx.shape[1])), x])
+            model.check_input(x, "candidates")
+            metrics = model.metrics.methods["Score"]
+            t0 = _perf()
+            scores = model.score(x)
+            order = np.argsort(-scores, kind="stable")
+            if request.top_k:
+                order = order[:request.top_k]
+            metrics.latency.observe(_perf() - t0)
+            metrics.requests.inc()
+            metrics.batch.observe(x.shape[0])
+            return model_pb2.ScoreResponse(model=model.name, version=model.version, scores=scores.tolist(),
+                                           order=order.tolist())
+        except RequestError as error:
+            await refuse(context, error, request.model, model)
+        except Exception as exc:
+            await internal(context, exc, request.model, model, "Score")
+        raise AssertionError("unreachable")
+
+    async def Decide(self, request: model_pb2.DecideRequest,
+                     context: grpc.aio.ServicerContext) -> model_pb2.DecideResponse:
+        model = None
+        try:
+            model = self.repository.get(request.model, request.version)
+            if not model.is_policy:
+                raise invalid(f"model {model.name!r} is a {model.manifest.kind}, not a bandit policy; "
+                              "use Predict or Score", "wrong_method")
+            if not request.unit:
+                raise invalid("Decide needs the `unit` the decision is for (rewards join on it)", "missing_unit")
+            which = request.WhichOneof("context")
+            if which == "dense":
+                dense = request.dense
+                if dense.rows != 1:
+                    raise invalid(f"Decide takes one context row, got rows={dense.rows}", "wrong_shape")
+                x = model.dense(dense.data, dense.rows, dense.cols, "context")
+            elif which == "named":
+                x = model.named(request.named.values)
+            else:
+                raise invalid("Decide needs a `dense` or `named` context", "missing_input")
+            decision_id = request.decision_id or uuid.uuid4().hex
+            metrics = model.metrics.methods["Decide"]
+            t0 = _perf()
+            scores, arm, propensity = model.decide(x, decision_id)
+            metrics.latency.observe(_perf() - t0)
+            metrics.requests.inc()
+            model.metrics.decisions[arm].inc()
+            model.metrics.propensity.observe(propensity)
+            arm_name = model.arms[arm]
+            if self.decisions is not None:
+                await self.decisions.log(DecisionLog.record(
+                    decision_id, request.unit, model.name, model.version, arm_name, propensity, x[0].tolist()))
+            return model_pb2.DecideResponse(
+                decision_id=decision_id, arm=arm_name, arm_index=arm, propensity=propensity,
+                scores=scores.tolist(), model=model.name, version=model.version)
+        except RequestError as error:
+            await refuse(context, error, request.model, model)
+        except Exception as exc:
+            await internal(context, exc, request.model, model, "Decide")
+        raise AssertionError("unreachable")
+
+    async def ListModels(self, request: model_pb2.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> model_pb2.ListModelsResponse:
+        response = model_pb2.ListModelsResponse()
+        for name, served in sorted(self.repository.snapshot.models.items()):
+            manifest = served.default.manifest
+            info = response.models.add(name=name, kind=manifest.kind, feature_names=manifest.feature_names,
+                                       output_names=manifest.output_names, arms=manifest.arms,
+                                       default_version=served.default.version)
+            for version, loaded in served.versions.items():
+                info.versions.add(version=version, ready=True, loaded_at_unix_ms=int(loaded.loaded_at * 1000))
+        return response
+
+
+def registration(repository: ModelRepository, decisions: DecisionLog | None = None) -> ServiceRegistration:
+    return ServiceRegistration(SERVICE_NAME, ModelServicer(repository, decisions),
+                               model_pb2_grpc.add_ModelServiceServicer_to_server)

@@ -1,0 +1,1 @@
+"""Model server tests: real ONNX Runtime sessions, real gRPC servers on loopback, real Parquet."""
