@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import LoadResult, measure, print_table, spawn, stop
+from bench.model_server import cpu_seconds  # /proc user+system time of a server process (and workers)
 
 FLAG_YAML = """
 flag: home-ranking
@@ -104,26 +105,33 @@ def bench_in_process(root: Path, quick: bool) -> None:
 
 # -- gRPC: every server is its own `twofold` process -------------------------------------------
 
-async def _rounds(calls: dict, concurrency: int, total: int,
-                  rounds: int) -> tuple[dict[str, LoadResult], dict[str, float]]:
+async def _rounds(calls: dict, pids: dict[str, int], concurrency: int, total: int,
+                  rounds: int) -> tuple[dict[str, LoadResult], dict[str, float], dict[str, float]]:
     """Alternate the servers round by round (a noisy neighbour hits all alike).
 
-    Returns each server's median round, and the median over rounds of its p50 ratio to the first
-    server measured in the same round (paired ratios cancel slow drifts in machine load).
+    Returns each server's median round; the median over rounds of its p50 ratio to the first
+    server measured in the same round (paired ratios cancel slow drifts in machine load); and
+    the server process's CPU seconds per call (user + system from /proc), which a busy shared
+    machine disturbs far less than latency.
     """
     results: dict[str, list[LoadResult]] = {name: [] for name in calls}
+    cpu = dict.fromkeys(calls, 0.0)
     for name, call in calls.items():
         await measure(name, call, concurrency=concurrency, calls=200, warmup=200)
     for _ in range(rounds):
         for name, call in calls.items():
+            before = cpu_seconds(pids[name])
             results[name].append(await measure(name, call, concurrency=concurrency, calls=total, warmup=0))
+            cpu[name] += cpu_seconds(pids[name]) - before
     base = next(iter(calls))
     paired = {name: statistics.median(r.p50_us / b.p50_us for r, b in zip(rs, results[base], strict=True))
               for name, rs in results.items()}
-    return {name: sorted(rs, key=lambda r: r.p50_us)[len(rs) // 2] for name, rs in results.items()}, paired
+    per_call = {name: cpu[name] / sum(r.calls for r in rs) for name, rs in results.items()}
+    return ({name: sorted(rs, key=lambda r: r.p50_us)[len(rs) // 2] for name, rs in results.items()},
+            paired, per_call)
 
 
-async def bench_grpc(ports: dict[str, int], quick: bool) -> None:
+async def bench_grpc(ports: dict[str, int], pids: dict[str, int], quick: bool) -> None:
     import grpc
 
     from assignment_server.authoring.compiler import DEFAULT_CLIENT_SECRET
@@ -141,17 +149,19 @@ async def bench_grpc(ports: dict[str, int], quick: bool) -> None:
         echo_req = echo_pb2.EchoRequest(payload=request.SerializeToString())  # same request size
         calls = {"bare echo": lambda: echo.Echo(echo_req), "runtime echo": lambda: runtime_echo.Echo(echo_req),
                  "ResolveFlags": lambda: assign.ResolveFlags(request)}
+        server_of = {"bare echo": "bare echo", "runtime echo": "runtime echo", "ResolveFlags": "assignment"}
         print("(b) ResolveFlags over gRPC vs a bare grpc.aio echo, same request size, loopback")
         rows = []
         for concurrency in (1, 32):
             total = (600 if quick else 2000) * (1 if concurrency == 1 else 2)
-            got, paired = await _rounds(calls, concurrency, total, 5)
+            got, paired, cpu = await _rounds(calls, {n: pids[server_of[n]] for n in calls}, concurrency, total, 5)
             for name, r in got.items():
                 p50_ratio, tput_ratio = r.ratio_to(got["bare echo"])
                 rows.append((name, concurrency, r.p50_us, r.p99_us, r.throughput,
-                             f"{p50_ratio:.2f}x", f"{paired[name]:.2f}x", f"{tput_ratio:.2f}x"))
+                             f"{p50_ratio:.2f}x", f"{paired[name]:.2f}x", f"{tput_ratio:.2f}x",
+                             cpu[name] * 1e6, f"{cpu[name] / cpu['bare echo']:.2f}x"))
         print_table(rows, ("server", "conc", "p50 us", "p99 us", "calls/s", "p50 vs bare", "paired p50 ratio",
-                           "tput vs bare"))
+                           "tput vs bare", "server CPU us/call", "CPU vs bare"))
 
         print("(c) durable TrackEvents ingest, batches of 100 (acknowledged after the write-ahead fsync)")
         batch_no = 0
@@ -188,7 +198,8 @@ def main() -> None:
                                  "--materializations", "memory", "--log-level", "error", *local]),
         }
         try:
-            asyncio.run(bench_grpc({name: info["port"] for name, (_, info) in servers.items()}, args.quick))
+            asyncio.run(bench_grpc({name: info["port"] for name, (_, info) in servers.items()},
+                                   {name: proc.pid for name, (proc, _) in servers.items()}, args.quick))
         finally:
             for proc, _ in servers.values():
                 stop(proc)
