@@ -159,325 +159,378 @@ def compile_folder(folder: str | Path) -> CompileResult:
 
 
 def _compile(f: _Folder, lock: dict | None) -> CompileResult:
-    account = f"accounts/{f.account or DEFAULT_ACCOUNT}"
-    warnings: list[str] = []
+    return _Compiler(f).compile(lock)
 
-    # Clients
-    clients: dict[str, dict] = {}
-    for name, doc in sorted(f.clients.items()):
-        f.check_keys(doc, {"client", "description", "secrets"}, "a client")
-        secrets = doc.get("secrets")
-        if not isinstance(secrets, list) or not secrets:
-            f.error(doc, "a client needs `secrets:`, a list of {secret|secret_env, environments}", "client")
-            continue
-        for i, s in enumerate(secrets):
-            if not isinstance(s, Located):
-                f.error(doc, "each secret is a mapping", "secrets")
+
+def _full(assignment_id: str, variant: str | None) -> dict:
+    """An assignment spec giving everyone `variant` (or the client default when None)."""
+    a: dict = {"assignmentId": assignment_id, "bucketRanges": [{"lower": 0, "upper": 1}]}
+    a.update({"variant": {"variant": variant}} if variant else {"clientDefault": {}})
+    return {"bucketCount": 1, "assignments": [a]}
+
+
+@dataclass
+class _Flag:
+    """What rules of one flag need to know about it while they compile."""
+
+    name: str
+    variants: Located
+    default: str | None
+    rules: list[dict] = field(default_factory=list)
+    holdout_namespaces: set[str] = field(default_factory=set)  # holdout rules already added
+
+
+class _Compiler:
+    """One compile: documents in, state out. Problems are collected on the folder, not raised early."""
+
+    def __init__(self, folder: _Folder) -> None:
+        self.f = folder
+        self.warnings: list[str] = []
+        self.clients: dict[str, dict] = {}
+        self.segments: dict[str, dict] = {EVERYONE: {"name": EVERYONE, "state": "OK"}}
+        self.requests: dict[str, SegmentRequest] = {}
+        self.request_at: dict[str, tuple[str, int]] = {}  # segment -> where its share is written
+        self.holdouts: dict[str, str] = {}  # namespace -> holdout segment
+        self.flags: dict[str, dict] = {}
+        self.experiments: dict[str, str] = {}  # "<flag>/<rule>" or experiment name -> segment
+        self.pending_exclusive: list[tuple[Located, str, list]] = []
+
+    def compile(self, lock: dict | None) -> CompileResult:
+        self.compile_clients()
+        self.compile_segments()
+        self.compile_namespaces()
+        for doc in self.f.flags:
+            self.compile_flag(doc)
+        self.resolve_exclusivity()
+        if self.f.problems:
+            raise FlagFileError(sorted(self.f.problems, key=lambda p: (p.file, p.line)))
+        return self.allocate(lock)
+
+    # -- clients, segments, namespaces -------------------------------------------------------
+
+    def compile_clients(self) -> None:
+        f = self.f
+        for name, doc in sorted(f.clients.items()):
+            f.check_keys(doc, {"client", "description", "secrets"}, "a client")
+            secrets = doc.get("secrets")
+            if not isinstance(secrets, list) or not secrets:
+                f.error(doc, "a client needs `secrets:`, a list of {secret|secret_env, environments}", "client")
                 continue
-            f.check_keys(s, {"secret", "secret_env", "environments"}, "a client secret")
-            value = s.get("secret")
-            if value is None and s.get("secret_env"):
-                value = os.environ.get(str(s["secret_env"]))
-                if not value:
-                    warnings.append(f"{s.file}:{s.line}: environment variable {s['secret_env']} is not set; "
-                                    f"credential {i} of client {name} is disabled")
+            for i, s in enumerate(secrets):
+                if not isinstance(s, Located):
+                    f.error(doc, "each secret is a mapping", "secrets")
                     continue
-            if not isinstance(value, str) or len(value) < 8:
-                f.error(s, "a secret must be text of at least 8 characters (or secret_env naming a variable)")
-                continue
-            if value in clients:
-                f.error(s, "this secret is already used by another credential")
-                continue
-            envs = s.get("environments") or []
-            clients[value] = {"client": {"name": f"clients/{name}"},
-                              "clientCredential": {"name": f"clients/{name}/credentials/{i}",
-                                                   "clientSecret": {"secret": value},
-                                                   "environments": [str(e) for e in envs]}}
-    if not f.clients:
-        clients[DEFAULT_CLIENT_SECRET] = {
-            "client": {"name": f"clients/{DEFAULT_CLIENT}"},
-            "clientCredential": {"name": f"clients/{DEFAULT_CLIENT}/credentials/0",
-                                 "clientSecret": {"secret": DEFAULT_CLIENT_SECRET},
-                                 "environments": ["development"]}}
-    all_clients = sorted({c["client"]["name"] for c in clients.values()})
+                f.check_keys(s, {"secret", "secret_env", "environments"}, "a client secret")
+                value = s.get("secret")
+                if value is None and s.get("secret_env"):
+                    value = os.environ.get(str(s["secret_env"]))
+                    if not value:
+                        self.warnings.append(f"{s.file}:{s.line}: environment variable {s['secret_env']} is not "
+                                             f"set; credential {i} of client {name} is disabled")
+                        continue
+                if not isinstance(value, str) or len(value) < 8:
+                    f.error(s, "a secret must be text of at least 8 characters (or secret_env naming a variable)")
+                    continue
+                if value in self.clients:
+                    f.error(s, "this secret is already used by another credential")
+                    continue
+                self.clients[value] = {"client": {"name": f"clients/{name}"},
+                                       "clientCredential": {"name": f"clients/{name}/credentials/{i}",
+                                                            "clientSecret": {"secret": value},
+                                                            "environments": [str(e) for e in
+                                                                             s.get("environments") or []]}}
+        if not f.clients:
+            self.clients[DEFAULT_CLIENT_SECRET] = {
+                "client": {"name": f"clients/{DEFAULT_CLIENT}"},
+                "clientCredential": {"name": f"clients/{DEFAULT_CLIENT}/credentials/0",
+                                     "clientSecret": {"secret": DEFAULT_CLIENT_SECRET},
+                                     "environments": ["development"]}}
 
-    # Reusable segments
-    segment_names = set(f.segments)
-    segments: dict[str, dict] = {EVERYONE: {"name": EVERYONE, "state": "OK"}}
-    for name, doc in sorted(f.segments.items()):
-        f.check_keys(doc, {"segment", "description", "when"}, "a segment")
-        cc = ConditionCompiler(segment_names, f.problems, doc.file)
-        expression = cc.compile(doc.get("when")) if "when" in doc else None
-        if name in cc.referenced_segments:
-            f.error(doc, f"segment {name!r} refers to itself", "when")
-        seg: dict = {"name": f"segments/{name}", "state": "OK"}
-        if expression is not None:
-            seg["targeting"] = {"criteria": cc.criteria, "expression": expression}
-        segments[seg["name"]] = seg
+    @property
+    def client_names(self) -> list[str]:
+        return sorted({c["client"]["name"] for c in self.clients.values()})
 
-    # Namespaces and their holdouts
-    requests: dict[str, SegmentRequest] = {}
-    request_at: dict[str, tuple[str, int]] = {}  # segment -> where its share is written
-    holdouts: dict[str, str] = {}
-    for name, doc in sorted(f.namespaces.items()):
-        f.check_keys(doc, {"namespace", "description", "holdout"}, "a namespace")
-        if "holdout" in doc:
-            share = _percent(doc["holdout"], doc, "holdout", f.problems)
-            if share is not None:
-                seg_name = f"segments/holdout--{name}"
-                holdouts[name] = seg_name
-                segments[seg_name] = {"name": seg_name, "state": "OK"}
-                requests[seg_name] = SegmentRequest(seg_name, share, name, holdout=True)
-                request_at[seg_name] = (doc.file, doc.line_of("holdout"))
+    def targeting(self, when: Any, file: str) -> tuple[dict | None, list[str]]:
+        """(targeting, referenced segment names) of a `when:` condition."""
+        if when is None:
+            return None, []
+        cc = ConditionCompiler(set(self.f.segments), self.f.problems, file)
+        expression = cc.compile(when)
+        return {"criteria": cc.criteria, "expression": expression}, cc.referenced_segments
 
-    flags: dict[str, dict] = {}
-    experiment_segments: dict[str, str] = {}  # "<flag>/<rule>" or experiment name -> segment
-    pending_exclusive: list[tuple[Located, str, list]] = []
-    for doc in f.flags:
-        flag_name = doc["flag"]
-        f.check_keys(doc, FLAG_KEYS, "a flag")
-        variants = doc.get("variants")
-        if not isinstance(variants, Located) or not variants:
-            f.error(doc, "a flag needs `variants:`, a mapping of variant name to a JSON object value", "flag")
-            continue
-        variant_list = []
+    def add_segment(self, name: str, targeting: dict | None) -> None:
+        segment: dict = {"name": name, "state": "OK"}
+        if targeting is not None:
+            segment["targeting"] = targeting
+        self.segments[name] = segment
+
+    def compile_segments(self) -> None:
+        for name, doc in sorted(self.f.segments.items()):
+            self.f.check_keys(doc, {"segment", "description", "when"}, "a segment")
+            targeting, referenced = self.targeting(doc.get("when"), doc.file)
+            if name in referenced:
+                self.f.error(doc, f"segment {name!r} refers to itself", "when")
+            self.add_segment(f"segments/{name}", targeting)
+
+    def request(self, segment: str, share: float, node: Located, key: str, namespace: str | None = None,
+                holdout: bool = False) -> None:
+        self.requests[segment] = SegmentRequest(segment, share, namespace, holdout=holdout)
+        self.request_at[segment] = (node.file, node.line_of(key))
+
+    def compile_namespaces(self) -> None:
+        for name, doc in sorted(self.f.namespaces.items()):
+            self.f.check_keys(doc, {"namespace", "description", "holdout"}, "a namespace")
+            if "holdout" in doc:
+                share = _percent(doc["holdout"], doc, "holdout", self.f.problems)
+                if share is not None:
+                    segment = f"segments/holdout--{name}"
+                    self.holdouts[name] = segment
+                    self.add_segment(segment, None)
+                    self.request(segment, share, doc, "holdout", name, holdout=True)
+
+    # -- flags -----------------------------------------------------------------------------------
+
+    def variant_ref(self, flag: _Flag, name: Any, node: Located, key: str) -> str | None:
+        if not isinstance(name, str) or name not in flag.variants:
+            self.f.error(node, f"unknown variant {name!r}; the flag has {sorted(flag.variants)}", key)
+            return None
+        return f"flags/{flag.name}/variants/{name}"
+
+    def compile_variants(self, flag_name: str, variants: Located) -> list[dict]:
+        out = []
         for vname, value in variants.items():
             if not _NAME.match(str(vname)):
-                f.error(variants, f"variant name {vname!r} must be lowercase letters, digits and dashes", vname)
+                self.f.error(variants, f"variant name {vname!r} must be lowercase letters, digits and dashes", vname)
             if not isinstance(value, dict):
-                f.error(variants, f"variant {vname!r}: the value must be a mapping (a JSON object)", vname)
+                self.f.error(variants, f"variant {vname!r}: the value must be a mapping (a JSON object)", vname)
                 continue
             try:
                 json_value = json.loads(json.dumps(value))
             except (TypeError, ValueError):
-                f.error(variants, f"variant {vname!r}: the value must be plain JSON (no timestamps)", vname)
+                self.f.error(variants, f"variant {vname!r}: the value must be plain JSON (no timestamps)", vname)
                 continue
-            variant_list.append({"name": f"flags/{flag_name}/variants/{vname}", "value": json_value})
+            out.append({"name": f"flags/{flag_name}/variants/{vname}", "value": json_value})
+        return out
 
-        def variant_ref(name: Any, node: Located, key: str, flag_name: str = flag_name,
-                        variants: Located = variants) -> str | None:
-            if not isinstance(name, str) or name not in variants:
-                f.error(node, f"unknown variant {name!r}; the flag has {sorted(variants)}", key)
-                return None
-            return f"flags/{flag_name}/variants/{name}"
+    def flag_clients(self, doc: Located) -> list[str]:
+        listed = doc.get("clients")
+        if listed is None:
+            return self.client_names
+        if not (isinstance(listed, list) and all(isinstance(c, str) for c in listed)):
+            self.f.error(doc, "`clients` is a list of client names", "clients")
+            return self.client_names
+        for c in listed:
+            if f"clients/{c}" not in self.client_names:
+                self.f.error(doc, f"unknown client {c!r}", "clients")
+        return sorted(f"clients/{c}" for c in listed)
 
-        default_variant = variant_ref(doc["default"], doc, "default") if "default" in doc else None
-        flag_clients = doc.get("clients")
-        if flag_clients is None:
-            clients_of_flag = all_clients
-        elif isinstance(flag_clients, list) and all(isinstance(c, str) for c in flag_clients):
-            clients_of_flag = sorted(f"clients/{c}" for c in flag_clients)
-            for c in flag_clients:
-                if f"clients/{c}" not in all_clients:
-                    f.error(doc, f"unknown client {c!r}", "clients")
-        else:
-            f.error(doc, "`clients` is a list of client names", "clients")
-            clients_of_flag = all_clients
-
-        rules_out: list[dict] = []
-        rule_names: set[str] = set()
-        holdout_rules: set[str] = set()  # namespaces whose holdout rule this flag already has
+    def compile_flag(self, doc: Located) -> None:
+        f = self.f
+        name = doc["flag"]
+        f.check_keys(doc, FLAG_KEYS, "a flag")
+        variants = doc.get("variants")
+        if not isinstance(variants, Located) or not variants:
+            f.error(doc, "a flag needs `variants:`, a mapping of variant name to a JSON object value", "flag")
+            return
+        variant_list = self.compile_variants(name, variants)
+        flag = _Flag(name, variants, None)
+        flag.default = self.variant_ref(flag, doc["default"], doc, "default") if "default" in doc else None
+        clients = self.flag_clients(doc)
         raw_rules = doc.get("rules") or LocatedList()
         if not isinstance(raw_rules, list):
             f.error(doc, "`rules` is a list", "rules")
             raw_rules = LocatedList()
+        seen: set[str] = set()
         for rule in raw_rules:
             if not isinstance(rule, Located):
                 f.error(raw_rules, "each rule is a mapping")
                 continue
-            f.check_keys(rule, RULE_KEYS, "a rule")
-            rname = rule.get("name")
-            if not isinstance(rname, str) or not _NAME.match(rname):
-                f.error(rule, "each rule needs a `name` of lowercase letters, digits and dashes", "name")
-                continue
-            if rname in rule_names:
-                f.error(rule, f"rule {rname!r} appears twice in flag {flag_name!r}", "name")
-            rule_names.add(rname)
-            actions = [k for k in ("serve", "rollout", "experiment", "overrides") if k in rule]
-            if len(actions) != 1:
-                f.error(rule, "a rule has exactly one of serve, rollout, experiment, overrides", "name")
-                continue
-            action = actions[0]
-            selector = rule.get("targeting_key", "")
-            if not isinstance(selector, str):
-                f.error(rule, "`targeting_key` names the context attribute holding the unit", "targeting_key")
-                selector = ""
-            envs = rule.get("environments") or []
-            base = {"enabled": bool(rule.get("enabled", True)), "targetingKeySelector": selector}
-            if envs:
-                base["environments"] = [str(e) for e in envs]
-            rule_id = f"flags/{flag_name}/rules/{rname}"
-            seg_name = f"segments/{flag_name}--{rname}"
-
-            def rule_segment(seg_name: str, when: Any, rule: Located = rule) -> dict:
-                seg: dict = {"name": seg_name, "state": "OK"}
-                if when is not None:
-                    cc = ConditionCompiler(segment_names, f.problems, rule.file)
-                    seg["targeting"] = {"criteria": cc.criteria, "expression": cc.compile(when)}
-                segments[seg_name] = seg
-                return seg
-
-            def full(assignment_id: str, variant: str | None) -> dict:
-                a: dict = {"assignmentId": assignment_id, "bucketRanges": [{"lower": 0, "upper": 1}]}
-                a.update({"variant": {"variant": variant}} if variant else {"clientDefault": {}})
-                return {"bucketCount": 1, "assignments": [a]}
-
-            if action == "overrides":
-                overrides = rule["overrides"]
-                if not isinstance(overrides, Located) or not overrides:
-                    f.error(rule, "`overrides` maps a variant to a list of units", "overrides")
-                    continue
-                for vname, units in overrides.items():
-                    ref = variant_ref(vname, overrides, vname)
-                    if not isinstance(units, list) or not units or not all(isinstance(u, str | int) for u in units):
-                        f.error(overrides, f"overrides for {vname!r} must be a list of unit ids", vname)
-                        continue
-                    if ref is None:
-                        continue
-                    sname = f"{seg_name}--{vname}"
-                    segments[sname] = {"name": sname, "state": "OK", "targeting": {
-                        "criteria": {"c1": {"attribute": {"attributeName": selector or "targeting_key", "setRule": {
-                            "values": [{"stringValue": str(u)} for u in units]}}}},
-                        "expression": {"ref": "c1"}}}
-                    rules_out.append({"name": f"{rule_id}--{vname}", "segment": sname, **base,
-                                      "assignmentSpec": full(f"override-{vname}", ref)})
-                continue
-
-            if action == "serve":
-                ref = variant_ref(rule["serve"], rule, "serve")
-                if ref is None:
-                    continue
-                rule_segment(seg_name, rule.get("when"))
-                rules_out.append({"name": rule_id, "segment": seg_name, **base,
-                                  "assignmentSpec": full(rname, ref)})
-                continue
-
-            if action == "rollout":
-                ro = rule["rollout"]
-                if not isinstance(ro, Located):
-                    f.error(rule, "`rollout` is {variant: NAME, percentage: \"10%\"}", "rollout")
-                    continue
-                f.check_keys(ro, {"variant", "percentage"}, "a rollout")
-                ref = variant_ref(ro.get("variant"), ro, "variant")
-                share = _percent(ro.get("percentage"), ro, "percentage", f.problems)
-                if ref is None or share is None:
-                    continue
-                rule_segment(seg_name, rule.get("when"))
-                requests[seg_name] = SegmentRequest(seg_name, share)
-                request_at[seg_name] = (ro.file, ro.line_of("percentage"))
-                rules_out.append({"name": rule_id, "segment": seg_name, **base,
-                                  "assignmentSpec": full(rname, ref)})
-                continue
-
-            exp = rule["experiment"]
-            if not isinstance(exp, Located):
-                f.error(rule, "`experiment` is a mapping with allocation, arms, namespace ...", "experiment")
-                continue
-            f.check_keys(exp, EXPERIMENT_KEYS, "an experiment")
-            share = _percent(exp.get("allocation", 1.0), exp, "allocation", f.problems)
-            arms = exp.get("arms")
-            if not isinstance(arms, Located) or not arms:
-                f.error(exp, "`arms` maps variant names to positive weights, e.g. {control: 1, treatment: 1}")
-                continue
-            weights = []
-            for vname, w in arms.items():
-                ref = variant_ref(vname, arms, vname)
-                if not isinstance(w, int | float) or isinstance(w, bool) or w <= 0:
-                    f.error(arms, f"weight of {vname!r} must be a positive number", vname)
-                    continue
-                if ref is not None:
-                    weights.append((ref, float(w)))
-            bucket_count = exp.get("bucket_count", DEFAULT_BUCKET_COUNT)
-            if (not isinstance(bucket_count, int) or isinstance(bucket_count, bool)
-                    or not 1 <= bucket_count <= 1_000_000):
-                f.error(exp, "`bucket_count` must be an integer 1..1000000", "bucket_count")
-                continue
-            namespace = exp.get("namespace")
-            if namespace is not None and (not isinstance(namespace, str) or not _NAME.match(namespace)):
-                f.error(exp, "`namespace` is a name of lowercase letters, digits and dashes", "namespace")
-                namespace = None
-            if share is None or not weights or len(weights) != len(arms):
-                continue
-            ident = str(exp.get("name") or f"{flag_name}/{rname}")
-            if ident in experiment_segments:
-                f.error(exp, f"experiment {ident!r} is defined twice", "name")
-            experiment_segments[ident] = seg_name
-            excl = exp.get("exclusive_with") or []
-            if not isinstance(excl, list):
-                f.error(exp, "`exclusive_with` is a list of experiment names (<flag>/<rule> or experiment name)",
-                        "exclusive_with")
-                excl = []
-            pending_exclusive.append((exp, seg_name, list(excl)))
-            requests[seg_name] = SegmentRequest(seg_name, share, namespace)
-            request_at[seg_name] = (exp.file, exp.line_of("allocation"))
-            rule_segment(seg_name, rule.get("when"))
-            total = sum(w for _, w in weights)
-            assignments, cum, lower = [], 0.0, 0
-            for ref, w in weights:
-                cum += w
-                upper = round(bucket_count * cum / total)
-                assignments.append({"assignmentId": f"{ident}:{ref.rpartition('/')[2]}",
-                                    "variant": {"variant": ref},
-                                    "bucketRanges": [{"lower": lower, "upper": upper}]})
-                lower = upper
-            if namespace and namespace in holdouts and namespace not in holdout_rules:
-                holdout_rules.add(namespace)
-                rules_out.append({"name": f"flags/{flag_name}/rules/holdout--{namespace}",
-                                  "segment": holdouts[namespace], **base,
-                                  "assignmentSpec": full(f"holdout--{namespace}", default_variant)})
-            experiment_rule = {"name": rule_id, "segment": seg_name, **base,
-                               "assignmentSpec": {"bucketCount": bucket_count, "assignments": assignments}}
-            sticky = exp.get("sticky", False)
-            if not isinstance(sticky, bool):
-                f.error(exp, "`sticky` is true or false", "sticky")
-            elif sticky:
-                # Units keep the variant they first got, even after targeting, allocation or weights change.
-                materialization = f"materializations/{flag_name}--{rname}"
-                experiment_rule["materializationSpec"] = {
-                    "readMaterialization": materialization, "writeMaterialization": materialization,
-                    "mode": {"segmentTargetingCanBeIgnored": True}}
-            rules_out.append(experiment_rule)
-
-        if default_variant:
-            rules_out.append({"name": f"flags/{flag_name}/rules/default", "segment": EVERYONE, "enabled": True,
-                              "targetingKeySelector": "", "assignmentSpec": full("default", default_variant)})
-        flags[f"flags/{flag_name}"] = {
-            "name": f"flags/{flag_name}", "state": "ARCHIVED" if doc.get("archived") else "ACTIVE",
-            "clients": clients_of_flag, "variants": variant_list, "rules": rules_out}
+            self.compile_rule(flag, rule, seen)
+        if flag.default:
+            flag.rules.append({"name": f"flags/{name}/rules/default", "segment": EVERYONE, "enabled": True,
+                               "targetingKeySelector": "", "assignmentSpec": _full("default", flag.default)})
+        compiled = {"name": f"flags/{name}", "state": "ARCHIVED" if doc.get("archived") else "ACTIVE",
+                    "clients": clients, "variants": variant_list, "rules": flag.rules}
         if doc.get("description"):
-            flags[f"flags/{flag_name}"]["description"] = str(doc["description"])
+            compiled["description"] = str(doc["description"])
+        self.flags[f"flags/{name}"] = compiled
 
-    for exp, seg_name, excl in pending_exclusive:
-        resolved = set()
-        for other in excl:
-            target = experiment_segments.get(str(other))
-            if target is None:
-                f.error(exp, f"exclusive_with names unknown experiment {other!r}; known: "
-                             f"{sorted(experiment_segments)}", "exclusive_with")
-            else:
-                resolved.add(target)
-        r = requests[seg_name]
-        requests[seg_name] = SegmentRequest(r.segment, r.proportion, r.namespace, frozenset(resolved), r.holdout)
+    def compile_rule(self, flag: _Flag, rule: Located, seen: set[str]) -> None:
+        f = self.f
+        f.check_keys(rule, RULE_KEYS, "a rule")
+        rname = rule.get("name")
+        if not isinstance(rname, str) or not _NAME.match(rname):
+            f.error(rule, "each rule needs a `name` of lowercase letters, digits and dashes", "name")
+            return
+        if rname in seen:
+            f.error(rule, f"rule {rname!r} appears twice in flag {flag.name!r}", "name")
+        seen.add(rname)
+        actions = [k for k in ("serve", "rollout", "experiment", "overrides") if k in rule]
+        if len(actions) != 1:
+            f.error(rule, "a rule has exactly one of serve, rollout, experiment, overrides", "name")
+            return
+        selector = rule.get("targeting_key", "")
+        if not isinstance(selector, str):
+            f.error(rule, "`targeting_key` names the context attribute holding the unit", "targeting_key")
+            selector = ""
+        base: dict = {"enabled": bool(rule.get("enabled", True)), "targetingKeySelector": selector}
+        if rule.get("environments"):
+            base["environments"] = [str(e) for e in rule["environments"]]
+        handler = {"overrides": self.overrides_rule, "serve": self.serve_rule, "rollout": self.rollout_rule,
+                   "experiment": self.experiment_rule}[actions[0]]
+        handler(flag, rule, rname, base)
 
-    if f.problems:
-        raise FlagFileError(sorted(f.problems, key=lambda p: (p.file, p.line)))
+    def overrides_rule(self, flag: _Flag, rule: Located, rname: str, base: dict) -> None:
+        overrides = rule["overrides"]
+        if not isinstance(overrides, Located) or not overrides:
+            self.f.error(rule, "`overrides` maps a variant to a list of units", "overrides")
+            return
+        attribute = base["targetingKeySelector"] or "targeting_key"
+        for vname, units in overrides.items():
+            ref = self.variant_ref(flag, vname, overrides, vname)
+            if not isinstance(units, list) or not units or not all(isinstance(u, str | int) for u in units):
+                self.f.error(overrides, f"overrides for {vname!r} must be a list of unit ids", vname)
+                continue
+            if ref is None:
+                continue
+            segment = f"segments/{flag.name}--{rname}--{vname}"
+            self.add_segment(segment, {
+                "criteria": {"c1": {"attribute": {"attributeName": attribute, "setRule": {
+                    "values": [{"stringValue": str(u)} for u in units]}}}},
+                "expression": {"ref": "c1"}})
+            flag.rules.append({"name": f"flags/{flag.name}/rules/{rname}--{vname}", "segment": segment, **base,
+                               "assignmentSpec": _full(f"override-{vname}", ref)})
 
-    allocation: Allocation = allocate(requests.values(), lock)
-    if allocation.shortfalls:
-        raise FlagFileError([
-            Problem(*request_at[seg], f"{seg} needs {wanted / 1e4:g}% of units but only {got / 1e4:g}% are free of "
-                                      "the experiments and holdouts it is exclusive with")
-            for seg, (wanted, got) in sorted(allocation.shortfalls.items())])
-    bitsets: dict[str, Any] = {}
-    for seg_name in sorted(segments):
-        bitsets[seg_name] = encode_bitset(allocation.bits(seg_name)) if seg_name in requests else "ALL"
-    state = {"account": {"name": account}, "flags": flags, "segments": dict(sorted(segments.items())),
-             "bitsets": bitsets, "bloomFilters": {}, "clients": dict(sorted(clients.items()))}
-    lock_changed = (lock or {}) != allocation.lock
-    if lock_changed and requests:
-        warnings.append(f"{LOCK_FILE} is missing or out of date; run `twofold flags lock DIR` and commit it, "
-                        "so later ramps and new exclusive experiments cannot move existing units")
-    return CompileResult(state, allocation.lock, lock_changed, warnings=warnings)
+    def serve_rule(self, flag: _Flag, rule: Located, rname: str, base: dict) -> None:
+        ref = self.variant_ref(flag, rule["serve"], rule, "serve")
+        if ref is None:
+            return
+        segment = f"segments/{flag.name}--{rname}"
+        self.add_segment(segment, self.targeting(rule.get("when"), rule.file)[0])
+        flag.rules.append({"name": f"flags/{flag.name}/rules/{rname}", "segment": segment, **base,
+                           "assignmentSpec": _full(rname, ref)})
+
+    def rollout_rule(self, flag: _Flag, rule: Located, rname: str, base: dict) -> None:
+        ro = rule["rollout"]
+        if not isinstance(ro, Located):
+            self.f.error(rule, "`rollout` is {variant: NAME, percentage: \"10%\"}", "rollout")
+            return
+        self.f.check_keys(ro, {"variant", "percentage"}, "a rollout")
+        ref = self.variant_ref(flag, ro.get("variant"), ro, "variant")
+        share = _percent(ro.get("percentage"), ro, "percentage", self.f.problems)
+        if ref is None or share is None:
+            return
+        segment = f"segments/{flag.name}--{rname}"
+        self.add_segment(segment, self.targeting(rule.get("when"), rule.file)[0])
+        self.request(segment, share, ro, "percentage")
+        flag.rules.append({"name": f"flags/{flag.name}/rules/{rname}", "segment": segment, **base,
+                           "assignmentSpec": _full(rname, ref)})
+
+    def experiment_rule(self, flag: _Flag, rule: Located, rname: str, base: dict) -> None:
+        f = self.f
+        exp = rule["experiment"]
+        if not isinstance(exp, Located):
+            f.error(rule, "`experiment` is a mapping with allocation, arms, namespace ...", "experiment")
+            return
+        f.check_keys(exp, EXPERIMENT_KEYS, "an experiment")
+        share = _percent(exp.get("allocation", 1.0), exp, "allocation", f.problems)
+        arms = exp.get("arms")
+        if not isinstance(arms, Located) or not arms:
+            f.error(exp, "`arms` maps variant names to positive weights, e.g. {control: 1, treatment: 1}")
+            return
+        weights = []
+        for vname, w in arms.items():
+            ref = self.variant_ref(flag, vname, arms, vname)
+            if not isinstance(w, int | float) or isinstance(w, bool) or w <= 0:
+                f.error(arms, f"weight of {vname!r} must be a positive number", vname)
+                continue
+            if ref is not None:
+                weights.append((ref, float(w)))
+        bucket_count = exp.get("bucket_count", DEFAULT_BUCKET_COUNT)
+        if (not isinstance(bucket_count, int) or isinstance(bucket_count, bool)
+                or not 1 <= bucket_count <= 1_000_000):
+            f.error(exp, "`bucket_count` must be an integer 1..1000000", "bucket_count")
+            return
+        namespace = exp.get("namespace")
+        if namespace is not None and (not isinstance(namespace, str) or not _NAME.match(namespace)):
+            f.error(exp, "`namespace` is a name of lowercase letters, digits and dashes", "namespace")
+            namespace = None
+        if share is None or not weights or len(weights) != len(arms):
+            return
+        segment = f"segments/{flag.name}--{rname}"
+        ident = str(exp.get("name") or f"{flag.name}/{rname}")
+        if ident in self.experiments:
+            f.error(exp, f"experiment {ident!r} is defined twice", "name")
+        self.experiments[ident] = segment
+        exclusive = exp.get("exclusive_with") or []
+        if not isinstance(exclusive, list):
+            f.error(exp, "`exclusive_with` is a list of experiment names (<flag>/<rule> or experiment name)",
+                    "exclusive_with")
+            exclusive = []
+        self.pending_exclusive.append((exp, segment, list(exclusive)))
+        self.request(segment, share, exp, "allocation", namespace)
+        self.add_segment(segment, self.targeting(rule.get("when"), rule.file)[0])
+
+        total = sum(w for _, w in weights)
+        assignments, cumulative, lower = [], 0.0, 0
+        for ref, w in weights:
+            cumulative += w
+            upper = round(bucket_count * cumulative / total)
+            assignments.append({"assignmentId": f"{ident}:{ref.rpartition('/')[2]}", "variant": {"variant": ref},
+                                "bucketRanges": [{"lower": lower, "upper": upper}]})
+            lower = upper
+        if namespace and namespace in self.holdouts and namespace not in flag.holdout_namespaces:
+            # Holdout units are matched first and get the flag's default, so their exposures are logged.
+            flag.holdout_namespaces.add(namespace)
+            flag.rules.append({"name": f"flags/{flag.name}/rules/holdout--{namespace}",
+                               "segment": self.holdouts[namespace], **base,
+                               "assignmentSpec": _full(f"holdout--{namespace}", flag.default)})
+        compiled = {"name": f"flags/{flag.name}/rules/{rname}", "segment": segment, **base,
+                    "assignmentSpec": {"bucketCount": bucket_count, "assignments": assignments}}
+        sticky = exp.get("sticky", False)
+        if not isinstance(sticky, bool):
+            f.error(exp, "`sticky` is true or false", "sticky")
+        elif sticky:
+            # Units keep the variant they first got, even after targeting, allocation or weights change.
+            materialization = f"materializations/{flag.name}--{rname}"
+            compiled["materializationSpec"] = {
+                "readMaterialization": materialization, "writeMaterialization": materialization,
+                "mode": {"segmentTargetingCanBeIgnored": True}}
+        flag.rules.append(compiled)
+
+    # -- allocation ------------------------------------------------------------------------------
+
+    def resolve_exclusivity(self) -> None:
+        for exp, segment, names in self.pending_exclusive:
+            partners = set()
+            for other in names:
+                target = self.experiments.get(str(other))
+                if target is None:
+                    self.f.error(exp, f"exclusive_with names unknown experiment {other!r}; known: "
+                                      f"{sorted(self.experiments)}", "exclusive_with")
+                else:
+                    partners.add(target)
+            r = self.requests[segment]
+            self.requests[segment] = SegmentRequest(r.segment, r.proportion, r.namespace, frozenset(partners),
+                                                    r.holdout)
+
+    def allocate(self, lock: dict | None) -> CompileResult:
+        allocation: Allocation = allocate(self.requests.values(), lock)
+        if allocation.shortfalls:
+            raise FlagFileError([
+                Problem(*self.request_at[seg], f"{seg} needs {wanted / 1e4:g}% of units but only {got / 1e4:g}% "
+                                               "are free of the experiments and holdouts it is exclusive with")
+                for seg, (wanted, got) in sorted(allocation.shortfalls.items())])
+        bitsets = {name: encode_bitset(allocation.bits(name)) if name in self.requests else "ALL"
+                   for name in sorted(self.segments)}
+        state = {"account": {"name": f"accounts/{self.f.account or DEFAULT_ACCOUNT}"}, "flags": self.flags,
+                 "segments": dict(sorted(self.segments.items())), "bitsets": bitsets, "bloomFilters": {},
+                 "clients": dict(sorted(self.clients.items()))}
+        lock_changed = (lock or {}) != allocation.lock
+        if lock_changed and self.requests:
+            self.warnings.append(f"{LOCK_FILE} is missing or out of date; run `twofold flags lock DIR` and commit "
+                                 "it, so later ramps and new exclusive experiments cannot move existing units")
+        return CompileResult(state, allocation.lock, lock_changed, warnings=self.warnings)
 
 
 def load_flag_source(path: str | Path) -> tuple[bytes, list[str]]:
