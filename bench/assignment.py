@@ -10,8 +10,8 @@
     runtime (metrics, health, limits), shows how much of the gap every Twofold server pays.
 (c) Durable TrackEvents ingest with batches of 100 (acknowledged = fsynced write-ahead log).
 
-    /work/venv/bin/python -m bench.assignment            # full run
-    /work/venv/bin/python -m bench.assignment --quick    # smoke run
+    python -m bench.assignment            # full run
+    python -m bench.assignment --quick    # smoke run
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import pytest
 from assignment_server.authoring.compiler import DEFAULT_CLIENT_SECRET, compile_folder, load_flag_source
 from assignment_server.authoring.errors import FlagFileError
 from assignment_server.resolver import Reason, Resolver, ResolverState
+from tests.spec_data import CONFORMANCE_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,7 +120,7 @@ rules:
 
 
 def test_confidence_state_file_is_a_flag_source() -> None:
-    data, warnings = load_flag_source("/work/shared/conformance/confidence-resolver-spec/state.json")
+    data, warnings = load_flag_source(CONFORMANCE_DIR / "state.json")
     state = ResolverState.from_json(data)
     assert "flags/simple-flag" in state.flags and warnings == []
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,21 +11,14 @@ import pytest
 
 from assignment_server.conformance import load_cases, run_case
 from assignment_server.resolver import ResolverState, allocation_bucket, allocation_salt, bucket
+from tests.spec_data import CONFORMANCE_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _spec_dir() -> Path:
-    """TWOFOLD_CONFORMANCE_DIR, else the shared copy on the development machine, else our vendored copy."""
-    for candidate in (os.environ.get("TWOFOLD_CONFORMANCE_DIR"), "/work/shared/conformance/confidence-resolver-spec",
-                      str(ROOT / "tests" / "assignment" / "confidence-resolver-spec")):
-        if candidate and (Path(candidate) / "tests.json").exists():
-            return Path(candidate)
-    return ROOT / "tests" / "assignment" / "confidence-resolver-spec"
-
-
-SPEC = _spec_dir()
-CASES = load_cases(SPEC / "tests.json") if (SPEC / "tests.json").exists() else []
+SPEC = CONFORMANCE_DIR
+CASES = load_cases(SPEC / "tests.json")
+assert CASES, f"no conformance cases in {SPEC / 'tests.json'}"
 
 
 @pytest.fixture(scope="module")
