@@ -1,0 +1,269 @@
+"""The rendered Kubernetes manifests keep the promises k8s/README.md makes.
+
+kubernetes-validate, checkov and promtool (k8s/validate.sh) check schemas and generic good
+practice; these tests check what is specific to Twofold: probes on the port the server really
+listens on, metrics port = gRPC port + 1000, flags that reload in place, headless Services for
+client-side balancing, selectors that match, every pod covered by NetworkPolicy and scraped.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from tests.k8s_support import OVERLAYS, Manifest, dashboard, dashboard_panels, find, one, render
+
+SERVERS = {
+    # Deployment name -> (subcommand, gRPC port); the ports are the documented defaults.
+    "assignment-server": ("serve-assignment", 50051),
+    "model-server": ("serve-model", 50052),
+    "analysis-worker": ("serve-analysis", 50053),
+}
+HOT_PATH = ("assignment-server", "model-server")
+
+
+def test_both_overlays_exist() -> None:
+    assert {"dev", "prod"} <= set(OVERLAYS)
+
+
+@pytest.fixture(params=OVERLAYS)
+def docs(request: pytest.FixtureRequest) -> list[Manifest]:
+    return render(request.param)
+
+
+def _container(deployment: Manifest) -> dict[str, Any]:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _port(container: dict[str, Any], name: str) -> int:
+    (port,) = [p["containerPort"] for p in container["ports"] if p["name"] == name]
+    return int(port)
+
+
+def _arg(args: list[str], flag: str) -> str:
+    assert flag in args, f"{flag} missing from {args}"
+    return args[args.index(flag) + 1]
+
+
+def _env(docs: list[Manifest], deployment: Manifest) -> dict[str, str]:
+    """The container's environment as the kubelet builds it: envFrom ConfigMaps, then env."""
+    container = _container(deployment)
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(one(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
+    env.update({e["name"]: e["value"] for e in container.get("env", [])})
+    return env
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Label-selector semantics for matchLabels and the Exists/In matchExpressions we use."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        if expr["operator"] == "Exists" and expr["key"] not in labels:
+            return False
+        if expr["operator"] == "In" and labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return True
+
+
+def _pod_labels(deployment: Manifest) -> dict[str, str]:
+    return deployment["spec"]["template"]["metadata"]["labels"]
+
+
+def test_every_server_runs_its_documented_command(docs: list[Manifest]) -> None:
+    deployments = {d["metadata"]["name"]: d for d in find(docs, "Deployment")}
+    assert set(deployments) == set(SERVERS)
+    for name, (command, port) in SERVERS.items():
+        container = _container(deployments[name])
+        args = container["args"]
+        assert args[0] == command
+        assert int(_arg(args, "--port")) == port == _port(container, "grpc")
+        assert _arg(args, "--lake") == "/var/lib/twofold/lake"
+        # The metrics port follows the documented rule (gRPC port + 1000) and is declared.
+        assert int(_env(docs, deployments[name])["TWOFOLD_METRICS_PORT"]) == port + 1000 == _port(container, "metrics")
+    assert _arg(_container(deployments["model-server"])["args"], "--repository") == "/var/lib/twofold/models"
+    assert int(_arg(_container(deployments["model-server"])["args"], "--workers")) >= 1
+    assert _arg(_container(deployments["assignment-server"])["args"], "--flags") == "/etc/twofold/flags"
+    assert re.fullmatch(r"\d+[smh]", _arg(_container(deployments["analysis-worker"])["args"], "--every"))
+
+
+def test_probes_are_native_grpc_on_the_serving_port(docs: list[Manifest]) -> None:
+    for deployment in find(docs, "Deployment"):
+        container = _container(deployment)
+        grpc_port = _port(container, "grpc")
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            spec = container[probe]
+            # Numeric port: a named port is not allowed for gRPC probes.
+            assert spec["grpc"]["port"] == grpc_port, (deployment["metadata"]["name"], probe)
+            assert set(spec) & {"httpGet", "tcpSocket", "exec"} == set()
+        # The startup probe gives loading (flags, models) time before liveness may kill.
+        startup = container["startupProbe"]
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
+
+
+def test_pods_run_under_the_restricted_profile(docs: list[Manifest]) -> None:
+    for deployment in find(docs, "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] >= 10000
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        container = _container(deployment)
+        sc = container["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"]
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(container["resources"][kind])
+        # A read-only root needs somewhere to write: /tmp is an emptyDir with a size limit.
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes[mounts["/tmp"]]["emptyDir"]["sizeLimit"]
+    for namespace in find(docs, "Namespace"):
+        assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_drain_fits_in_the_termination_grace_period(docs: list[Manifest]) -> None:
+    for deployment in find(docs, "Deployment"):
+        env = _env(docs, deployment)
+        container = _container(deployment)
+        pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", ["sleep", "0"])
+        assert pre_stop[0] == "sleep"
+        needed = float(pre_stop[1]) + float(env["TWOFOLD_GRACE_SECONDS"])
+        assert needed < deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+
+
+def test_servers_close_old_connections_so_clients_rebalance(docs: list[Manifest]) -> None:
+    for name in HOT_PATH:
+        env = _env(docs, one(docs, "Deployment", name))
+        assert 0 < float(env["TWOFOLD_MAX_CONNECTION_AGE_SECONDS"]) <= 600
+
+
+def test_hot_path_services_are_headless_and_select_their_pods(docs: list[Manifest]) -> None:
+    for service in find(docs, "Service"):
+        name = service["metadata"]["name"]
+        deployment = one(docs, "Deployment", name)
+        assert service["spec"]["selector"].items() <= _pod_labels(deployment).items()
+        container = _container(deployment)
+        assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {
+            "grpc": _port(container, "grpc"), "metrics": _port(container, "metrics")}
+        if name in HOT_PATH:
+            assert service["spec"]["clusterIP"] == "None", f"{name} must be headless for client-side round-robin"
+
+
+def test_autoscalers_and_disruption_budgets_target_the_hot_path(
+        docs: list[Manifest], request: pytest.FixtureRequest) -> None:
+    hpas = {h["metadata"]["name"]: h for h in find(docs, "HorizontalPodAutoscaler")}
+    pdbs = {p["metadata"]["name"]: p for p in find(docs, "PodDisruptionBudget")}
+    assert set(hpas) == set(pdbs) == set(HOT_PATH)
+    for name in HOT_PATH:
+        deployment = one(docs, "Deployment", name)
+        hpa = hpas[name]
+        assert hpa["apiVersion"] == "autoscaling/v2"
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+        assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+        # The autoscaler owns the replica count; a fixed one would be reset on every apply.
+        assert "replicas" not in deployment["spec"]
+        assert _selects(pdbs[name]["spec"]["selector"], _pod_labels(deployment))
+        # Never a budget that blocks every node drain.
+        assert pdbs[name]["spec"].get("maxUnavailable", 0) >= 1 or \
+            pdbs[name]["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]
+    if "prod" in request.node.name:
+        assert all(h["spec"]["minReplicas"] >= 3 for h in hpas.values())
+
+
+def test_flags_reload_in_place_and_settings_roll_the_pods(docs: list[Manifest]) -> None:
+    deployment = one(docs, "Deployment", "assignment-server")
+    pod = deployment["spec"]["template"]["spec"]
+    (flags_volume,) = [v for v in pod["volumes"]
+                       if "configMap" in v and v["configMap"]["name"].startswith("twofold-flags")]
+    # A stable name (no content hash): editing the ConfigMap updates the mounted files in place.
+    assert flags_volume["configMap"]["name"] == "twofold-flags"
+    one(docs, "ConfigMap", "twofold-flags")
+    (mount,) = [m for m in _container(deployment)["volumeMounts"] if m["name"] == flags_volume["name"]]
+    # subPath mounts never see ConfigMap updates.
+    assert "subPath" not in mount and mount["readOnly"] is True
+    assert mount["mountPath"] == "/etc/twofold/flags"
+    # Settings are read once at start: their ConfigMap name carries a content hash, so a change
+    # is a new name and rolls every Deployment.
+    for d in find(docs, "Deployment"):
+        (ref,) = [s["configMapRef"]["name"] for s in _container(d)["envFrom"]]
+        assert re.fullmatch(r"twofold-settings-[a-z0-9]{10}", ref)
+
+
+def test_volumes_are_bound_to_claims(docs: list[Manifest]) -> None:
+    claims = {c["metadata"]["name"] for c in find(docs, "PersistentVolumeClaim")}
+    for deployment in find(docs, "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        for volume in pod["volumes"]:
+            if "persistentVolumeClaim" in volume:
+                assert volume["persistentVolumeClaim"]["claimName"] in claims
+            if "configMap" in volume:
+                one(docs, "ConfigMap", volume["configMap"]["name"])
+    model = one(docs, "Deployment", "model-server")
+    mounts = {m["mountPath"]: m for m in _container(model)["volumeMounts"]}
+    assert mounts["/var/lib/twofold/models"].get("readOnly") is True
+
+
+def test_network_policies_cover_every_pod(docs: list[Manifest]) -> None:
+    policies = find(docs, "NetworkPolicy")
+    for deployment in find(docs, "Deployment"):
+        labels = _pod_labels(deployment)
+        selecting = [p for p in policies if _selects(p["spec"]["podSelector"], labels)]
+        types = {t for p in selecting for t in p["spec"]["policyTypes"]}
+        assert types == {"Ingress", "Egress"}, deployment["metadata"]["name"]
+        open_ports = {port["port"] for p in selecting for rule in p["spec"].get("ingress", [])
+                      for port in rule.get("ports", [])}
+        container = _container(deployment)
+        # Named ports in the policies resolve to ports the container declares.
+        assert open_ports == {"grpc", "metrics"} and {p["name"] for p in container["ports"]} >= open_ports
+
+
+def test_service_monitor_scrapes_every_server(docs: list[Manifest]) -> None:
+    (monitor,) = find(docs, "ServiceMonitor")
+    services = find(docs, "Service")
+    scraped = [s for s in services if _selects(monitor["spec"]["selector"], s["metadata"]["labels"])]
+    assert {s["metadata"]["name"] for s in scraped} == set(SERVERS)
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert all(endpoint["port"] in {p["name"] for p in s["spec"]["ports"]} for s in scraped)
+
+
+def test_grafana_dashboard_is_well_formed(docs: list[Manifest]) -> None:
+    cm = one(docs, "ConfigMap", "twofold-grafana-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    board = dashboard(docs)
+    panels = dashboard_panels(board)
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    assert {v["name"] for v in board["templating"]["list"]} >= {"datasource", "namespace"}
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, panel["title"]
+        for target in panel.get("targets", []):
+            assert target["datasource"]["uid"] == "${datasource}", panel["title"]
+            # Every query is scoped to the chosen namespace.
+            assert 'namespace="$namespace"' in target["expr"], panel["title"]
+    # Panels do not overlap.
+    cells: set[tuple[int, int]] = set()
+    for panel in panels:
+        g = panel["gridPos"]
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert not cells & mine, f"panel {panel['title']!r} overlaps another"
+        cells |= mine
+
+
+def test_dev_never_pulls_and_says_why_checkov_may_skip_it() -> None:
+    docs = render("dev")
+    for deployment in find(docs, "Deployment"):
+        assert _container(deployment)["imagePullPolicy"] == "IfNotPresent"
+        skip = deployment["metadata"]["annotations"]["checkov.io/skip1"]
+        check, _, reason = skip.partition("=")
+        assert check == "CKV_K8S_15" and len(reason) > 20
+    for deployment in find(render("prod"), "Deployment"):
+        assert _container(deployment)["imagePullPolicy"] == "Always"
+        assert "annotations" not in deployment["metadata"]
