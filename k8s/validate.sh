@@ -6,7 +6,8 @@
 #      their content is checked by promtool and the tests);
 #   3. promtool check rules + promtool test rules (k8s/tests/alerts.test.yaml) on the
 #      PrometheusRule of every overlay;
-#   4. checkov on the rendered overlays and the Dockerfile (skips and reasons: k8s/checkov.yaml);
+#   4. checkov on the rendered overlays and the Dockerfile (skips and reasons: k8s/checkov.yaml),
+#      and hadolint on the Dockerfile (failing on any finding, style included);
 #   5. the serving image's dependency set (resolved as the Dockerfile installs it) has no XGBoost.
 # Installs what it needs on a fresh machine (Debian's prometheus package for promtool, a
 # virtualenv .venv-k8s for the Python tools) and reuses it on the next run.
@@ -43,7 +44,7 @@ PY="$VENV/bin/python"
 KUBECTL="$VENV/bin/kubectl"
 echo "promtool: $(promtool --version 2>&1 | head -n1)"
 echo "kubectl: $("$KUBECTL" version --client 2>&1 | tr '\n' ' ')"
-echo "kubernetes-validate: $("$VENV/bin/kubernetes-validate" --version)  checkov: $("$VENV/bin/checkov" --version)"
+echo "kubernetes-validate: $("$VENV/bin/kubernetes-validate" --version)  checkov: $("$VENV/bin/checkov" --version)  $("$VENV/bin/hadolint" --version)"
 
 rm -rf "$OUT"
 mkdir -p "$OUT"
@@ -101,6 +102,8 @@ for name in "${OVERLAYS[@]}"; do files+=(-f "$OUT/$name.yaml"); done
 "${CHECKOV[@]}" --framework kubernetes "${files[@]}"
 step "checkov (Dockerfile)"
 "${CHECKOV[@]}" --framework dockerfile -f Dockerfile
+step "hadolint Dockerfile"
+"$VENV/bin/hadolint" --failure-threshold style --no-color Dockerfile && echo "hadolint: no findings"
 
 # ---- 5. no XGBoost in the serving image -------------------------------------------------------
 # The Dockerfile's serving stage installs the project without extras (`pip install .`);
