@@ -186,6 +186,11 @@ class ServiceSetup:
 
 def write_ready_file(path: str | None, running: RunningServer) -> None:
     """Atomically publish the bound ports, so a parent process can find a port-0 server."""
+    write_ready_port(path, running.port, running.metrics_port)
+
+
+def write_ready_port(path: str | None, port: int, metrics_port: int | None) -> None:
+    """Write `{pid, port, metrics_port}` to `path` by rename, so readers never see half a file."""
     if not path:
         return
     import json
@@ -194,7 +199,7 @@ def write_ready_file(path: str | None, running: RunningServer) -> None:
 
     target = Path(path)
     tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "port": running.port, "metrics_port": running.metrics_port}))
+    tmp.write_text(json.dumps({"pid": os.getpid(), "port": port, "metrics_port": metrics_port}))
     os.replace(tmp, target)
 
 

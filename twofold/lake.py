@@ -1,0 +1,507 @@
+"""The lake writer: durable, group-committed appends that become plain Hive-partitioned Parquet.
+
+Why a write-ahead log in front of Parquet: a server must acknowledge an exposure or an event only
+once it survives a SIGKILL (DESIGN.md, contract 2), but Parquet files are only efficient when
+large. So an append is framed into a write-ahead segment and fsynced (concurrent appends share one
+fsync: group commit), and a background thread later compacts closed segments into
+`<root>/<table>/date=YYYY-MM-DD/<segment>.parquet`.
+
+Exactly once: a segment's Parquet file names are derived from the segment, files appear by
+rename, and the segment is deleted only after its files are in place. A crash between the two
+re-compacts the segment into the same names, replacing identical content; nothing is duplicated.
+
+Several processes may write one table (e.g. model server workers): each writer owns a
+write-ahead directory under `<root>/_wal/<table>/` locked with `flock`; a starting writer also
+recovers the directories of writers that died (their lock is free).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import queue
+import socket
+import struct
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prometheus_client import Counter, Gauge
+
+log = logging.getLogger("twofold.lake")
+
+_TS = pa.timestamp("us", tz="UTC")
+
+# Contract 3 of DESIGN.md: the lake's tables. Readers (DuckDB, Spark, Trino, BigQuery) rely on these.
+TABLE_SCHEMAS: dict[str, pa.Schema] = {
+    "exposures": pa.schema([
+        ("exposure_id", pa.string()), ("ts", _TS), ("unit", pa.string()), ("flag", pa.string()),
+        ("rule", pa.string()), ("variant", pa.string()), ("assignment_id", pa.string()),
+        ("resolve_id", pa.string()), ("client", pa.string()),
+    ]),
+    "events": pa.schema([
+        ("event_id", pa.string()), ("ts", _TS), ("unit", pa.string()), ("name", pa.string()),
+        ("value", pa.float64()), ("properties", pa.string()),
+    ]),
+    "decisions": pa.schema([
+        ("decision_id", pa.string()), ("ts", _TS), ("unit", pa.string()), ("model", pa.string()),
+        ("model_version", pa.string()), ("arm", pa.string()), ("propensity", pa.float64()),
+        ("features", pa.list_(pa.float32())),
+    ]),
+}
+
+ID_COLUMN = {"exposures": "exposure_id", "events": "event_id", "decisions": "decision_id"}
+
+RECORDS = Counter("twofold_lake_records", "Records acknowledged (durable in the write-ahead log).", ["table"])
+WAL_BYTES = Gauge("twofold_lake_wal_bytes", "Write-ahead bytes not yet compacted into Parquet.", ["table"])
+WAL_LAG = Gauge("twofold_lake_wal_lag_seconds", "Age of the oldest record not yet in Parquet.", ["table"])
+PARQUET_FILES = Counter("twofold_lake_parquet_files", "Parquet files published.", ["table"])
+WRITE_FAILURES = Counter("twofold_lake_write_failures", "Failed fsyncs or compactions.", ["table"])
+
+# Frame: payload length, CRC32 of the payload, payload (a JSON array of records).
+_FRAME = struct.Struct("<II")
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def to_micros(ts: Any) -> int:
+    """Microseconds since the epoch from an aware datetime (naive = UTC) or an int."""
+    if isinstance(ts, int):
+        return ts
+    if isinstance(ts, dt.datetime):
+        if ts.tzinfo is None:
+            ts = ts.replace(tzinfo=dt.UTC)
+        delta = ts - _EPOCH
+        return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    if isinstance(ts, float):
+        return int(ts * 1_000_000)
+    raise TypeError(f"ts must be a datetime or int microseconds, got {type(ts).__name__}")
+
+
+def read_frames(path: Path) -> Iterator[list[dict[str, Any]]]:
+    """Yield each complete, intact frame of a segment; stop at a torn or corrupt tail.
+
+    Only the last frame can be torn (a crash during its write), and such a frame was never
+    acknowledged because its fsync had not returned.
+    """
+    data = path.read_bytes()
+    offset = 0
+    while offset + _FRAME.size <= len(data):
+        length, crc = _FRAME.unpack_from(data, offset)
+        start = offset + _FRAME.size
+        payload = data[start:start + length]
+        if len(payload) < length or zlib.crc32(payload) != crc:
+            log.warning("ignoring torn tail of write-ahead segment",
+                        extra={"fields": {"segment": str(path), "offset": offset}})
+            return
+        yield json.loads(payload)
+        offset = start + length
+
+
+@dataclass
+class _Pending:
+    payload: bytes
+    count: int
+    future: concurrent.futures.Future[None]
+
+
+@dataclass
+class _Segment:
+    path: Path
+    fd: int
+    opened_at: float
+    size: int = 0
+    records: int = 0
+    first_record_at: float | None = None
+
+
+@dataclass
+class _ClosedSegment:
+    path: Path
+    size: int
+    first_record_at: float | None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class LakeWriter:
+    """Appends records to one lake table durably; see the module docstring for the design."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        table: str,
+        *,
+        writer_id: str | None = None,
+        compact_interval_s: float = 2.0,
+        segment_max_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        if table not in TABLE_SCHEMAS:
+            raise ValueError(f"unknown lake table {table!r}; expected one of {sorted(TABLE_SCHEMAS)}")
+        self.root = Path(root)
+        self.table = table
+        self.schema = TABLE_SCHEMAS[table]
+        self._id_column = ID_COLUMN[table]
+        self.writer_id = writer_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.compact_interval_s = compact_interval_s
+        self.segment_max_bytes = segment_max_bytes
+        self.table_dir = self.root / table
+        self.wal_root = self.root / "_wal" / table
+        self.wal_dir = self.wal_root / self.writer_id
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._compact_queue: queue.SimpleQueue[_ClosedSegment | None] = queue.SimpleQueue()
+        self._lock_fd: int | None = None
+        self._segment: _Segment | None = None
+        self._seq = 0
+        self._pending_segments: list[_ClosedSegment] = []
+        self._state_lock = threading.Lock()
+        self._writer: threading.Thread | None = None
+        self._compactor: threading.Thread | None = None
+        self._closed = False
+        self._started = False
+        # Group commits done (one fsync each) and appends they covered: shows batching works.
+        self.commits = 0
+        self.appends_committed = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start_sync(self) -> None:
+        """Lock our write-ahead directory, recover dead writers' segments, start the threads."""
+        if self._started:
+            return
+        self.wal_dir.mkdir(parents=True, exist_ok=True)
+        self.table_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = self._try_lock(self.wal_dir)
+        if self._lock_fd is None:
+            raise RuntimeError(f"write-ahead directory {self.wal_dir} is locked by another writer")
+        self.recover()
+        self._open_segment()
+        self._writer = threading.Thread(target=self._write_loop, name=f"lake-wal-{self.table}", daemon=True)
+        self._compactor = threading.Thread(target=self._compact_loop, name=f"lake-compact-{self.table}",
+                                           daemon=True)
+        self._writer.start()
+        self._compactor.start()
+        self._started = True
+
+    async def start(self) -> None:
+        """`start_sync` off the event loop (recovery may compact old segments)."""
+        await asyncio.to_thread(self.start_sync)
+
+    def close_sync(self) -> None:
+        """Write what is queued, compact everything, stop the threads; idempotent."""
+        if self._closed or not self._started:
+            self._closed = True
+            return
+        self._closed = True
+        self._queue.put(None)
+        assert self._writer is not None and self._compactor is not None
+        self._writer.join()
+        self._compact_queue.put(None)
+        self._compactor.join()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        with contextlib.suppress(OSError):
+            (self.wal_dir / "LOCK").unlink()
+            self.wal_dir.rmdir()
+        WAL_BYTES.labels(self.table).set(0)
+        WAL_LAG.labels(self.table).set(0)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.close_sync)
+
+    # ------------------------------------------------------------------ appends
+    def append_nowait(self, records: Sequence[Mapping[str, Any]]) -> concurrent.futures.Future[None]:
+        """Queue records; the future completes once they are fsynced (or fails with the reason).
+
+        Validation happens here, in the caller's thread, so a bad record fails its own call
+        instead of a whole group commit.
+        """
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        if not records:
+            future.set_result(None)
+            return future
+        if self._closed or not self._started:
+            future.set_exception(RuntimeError(f"lake writer for {self.table} is not running"))
+            return future
+        try:
+            payload = self._encode(records)
+        except (TypeError, ValueError) as exc:
+            future.set_exception(ValueError(f"invalid {self.table} record: {exc}"))
+            return future
+        self._queue.put(_Pending(payload, len(records), future))
+        return future
+
+    async def append(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Append and wait until the records are durable."""
+        await asyncio.wrap_future(self.append_nowait(records))
+
+    def append_sync(self, records: Sequence[Mapping[str, Any]], timeout: float | None = 30.0) -> None:
+        """Append from synchronous code and block until durable."""
+        self.append_nowait(records).result(timeout)
+
+    def flush_sync(self, timeout: float = 60.0) -> None:
+        """Compact everything acknowledged so far into Parquet before returning."""
+        if not self._started or self._closed:
+            return
+        barrier: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._queue.put(_Pending(b"", 0, barrier))
+        barrier.result(timeout)
+        with self._state_lock:
+            waiting = list(self._pending_segments)
+        for segment in waiting:
+            if not segment.done.wait(timeout):
+                raise TimeoutError(f"compaction of {segment.path} did not finish in {timeout} s")
+
+    async def flush(self) -> None:
+        await asyncio.to_thread(self.flush_sync)
+
+    def _encode(self, records: Sequence[Mapping[str, Any]]) -> bytes:
+        names = self.schema.names
+        rows = []
+        for record in records:
+            if not record.get(self._id_column):
+                raise ValueError(f"{self._id_column} is required")
+            if "ts" not in record:
+                raise ValueError("ts is required")
+            unknown = set(record) - set(names)
+            if unknown:
+                raise ValueError(f"unknown columns {sorted(unknown)}")
+            row = dict(record)
+            row["ts"] = to_micros(record["ts"])
+            rows.append(row)
+        return json.dumps(rows, separators=(",", ":"), allow_nan=False).encode()
+
+    # ------------------------------------------------------------------ write-ahead thread
+    def _open_segment(self) -> None:
+        self._seq += 1
+        path = self.wal_dir / f"{self._seq:012d}.wal"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._fsync_dir(self.wal_dir)
+        self._segment = _Segment(path=path, fd=fd, opened_at=time.monotonic())
+
+    def _rotate(self) -> None:
+        """Close the active segment (if it holds anything) and hand it to the compactor."""
+        segment = self._segment
+        assert segment is not None
+        if segment.records == 0:
+            return
+        os.close(segment.fd)
+        closed = _ClosedSegment(segment.path, segment.size, segment.first_record_at)
+        with self._state_lock:
+            self._pending_segments.append(closed)
+        self._compact_queue.put(closed)
+        self._open_segment()
+
+    def _write_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            segment = self._segment
+            assert segment is not None
+            timeout = max(0.01, self.compact_interval_s - (time.monotonic() - segment.opened_at))
+            batch: list[_Pending] = []
+            try:
+                item = self._queue.get(timeout=timeout)
+                while True:
+                    if item is None:
+                        stopping = True
+                        break
+                    batch.append(item)
+                    item = self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._commit(batch)
+            age = time.monotonic() - segment.opened_at
+            barrier = any(p.count == 0 for p in batch)
+            if stopping or barrier or age >= self.compact_interval_s or segment.size >= self.segment_max_bytes:
+                self._rotate()
+                if not self._segment or self._segment is segment:
+                    segment.opened_at = time.monotonic()
+            self._update_gauges()
+            # Barriers (flush) complete only after the rotation above queued their segment.
+            for pending in batch:
+                if pending.count == 0 and not pending.future.done():
+                    pending.future.set_result(None)
+        segment = self._segment
+        if segment is not None:
+            os.close(segment.fd)
+            with contextlib.suppress(OSError):
+                if segment.records == 0:
+                    segment.path.unlink()
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        """Write every pending append as a frame and fsync once for all of them."""
+        writes = [p for p in batch if p.count]
+        if not writes:
+            return
+        segment = self._segment
+        assert segment is not None
+        data = b"".join(_FRAME.pack(len(p.payload), zlib.crc32(p.payload)) + p.payload for p in writes)
+        try:
+            written = os.write(segment.fd, data)
+            if written != len(data):
+                raise OSError(f"short write to {segment.path}: {written} of {len(data)} bytes")
+            os.fdatasync(segment.fd)
+        except OSError as exc:
+            WRITE_FAILURES.labels(self.table).inc()
+            log.error("write-ahead append failed", extra={"fields": {"table": self.table, "error": str(exc)}})
+            for p in writes:
+                p.future.set_exception(exc)
+            # A partial frame may be on disk: start a fresh segment so later frames stay readable.
+            self._rotate()
+            return
+        segment.size += len(data)
+        self.commits += 1
+        self.appends_committed += len(writes)
+        count = sum(p.count for p in writes)
+        if segment.first_record_at is None:
+            segment.first_record_at = time.time()
+        segment.records += count
+        RECORDS.labels(self.table).inc(count)
+        for p in writes:
+            p.future.set_result(None)
+
+    def _update_gauges(self) -> None:
+        segment = self._segment
+        with self._state_lock:
+            pending = list(self._pending_segments)
+        size = sum(s.size for s in pending) + (segment.size if segment else 0)
+        firsts = [s.first_record_at for s in pending if s.first_record_at]
+        if segment and segment.first_record_at:
+            firsts.append(segment.first_record_at)
+        WAL_BYTES.labels(self.table).set(size)
+        WAL_LAG.labels(self.table).set(time.time() - min(firsts) if firsts else 0.0)
+
+    # ------------------------------------------------------------------ compaction
+    def _compact_loop(self) -> None:
+        while True:
+            closed = self._compact_queue.get()
+            if closed is None:
+                return
+            try:
+                self.compact_segment(closed.path)
+            except Exception as exc:  # keep the segment; a restart's recovery retries it
+                WRITE_FAILURES.labels(self.table).inc()
+                log.error("compaction failed; segment kept for recovery",
+                          extra={"fields": {"segment": str(closed.path), "error": repr(exc)}})
+            finally:
+                with self._state_lock:
+                    self._pending_segments.remove(closed)
+                closed.done.set()
+                self._update_gauges()
+
+    def compact_segment(self, path: Path) -> list[Path]:
+        """Turn one write-ahead segment into Parquet files (one per date), then delete it."""
+        rows = [row for frame in read_frames(path) for row in frame]
+        written: list[Path] = []
+        if rows:
+            table = self._to_arrow(rows)
+            days = np.fromiter((row["ts"] for row in rows), dtype=np.int64, count=len(rows)) // 86_400_000_000
+            owner = path.parent.name
+            for day in sorted(set(days.tolist())):
+                date = (_EPOCH + dt.timedelta(days=int(day))).date().isoformat()
+                part = table.filter(pa.array(days == day))
+                folder = self.table_dir / f"date={date}"
+                folder.mkdir(parents=True, exist_ok=True)
+                target = folder / f"{owner}-{path.stem}.parquet"
+                tmp = folder / f".{target.name}.tmp"
+                pq.write_table(part, tmp, compression="zstd")
+                with open(tmp, "rb") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(tmp, target)
+                self._fsync_dir(folder)
+                written.append(target)
+                PARQUET_FILES.labels(self.table).inc()
+        path.unlink()
+        self._fsync_dir(path.parent)
+        return written
+
+    def _to_arrow(self, rows: list[dict[str, Any]]) -> pa.Table:
+        columns = {}
+        for name in self.schema.names:
+            columns[name] = pa.array([row.get(name) for row in rows], type=self.schema.field(name).type)
+        return pa.Table.from_pydict(columns, schema=self.schema)
+
+    # ------------------------------------------------------------------ recovery
+    def recover(self) -> int:
+        """Compact leftover segments: ours, and those of writers whose lock is free. Returns files written."""
+        files = 0
+        if not self.wal_root.exists():
+            return 0
+        for folder in sorted(p for p in self.wal_root.iterdir() if p.is_dir()):
+            own = folder == self.wal_dir
+            lock_fd = None if own else self._try_lock(folder)
+            if not own and lock_fd is None:
+                continue  # a live writer owns it
+            try:
+                for segment in sorted(folder.glob("*.wal")):
+                    files += len(self.compact_segment(segment))
+                    log.info("recovered write-ahead segment",
+                             extra={"fields": {"table": self.table, "segment": str(segment)}})
+                for leftover in folder.glob(".*.tmp"):
+                    leftover.unlink()
+            finally:
+                if lock_fd is not None:
+                    os.close(lock_fd)
+                    with contextlib.suppress(OSError):
+                        (folder / "LOCK").unlink()
+                        folder.rmdir()
+        return files
+
+    @staticmethod
+    def _try_lock(folder: Path) -> int | None:
+        fd = os.open(folder / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    @staticmethod
+    def _fsync_dir(folder: Path) -> None:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def read_table(root: str | os.PathLike[str], table: str, *, dedup: bool = True) -> pa.Table:
+    """Read a whole lake table (all partitions) with pyarrow, deduplicated by id.
+
+    A convenience for tests and small tools; the analysis worker reads with DuckDB instead.
+    """
+    folder = Path(root) / table
+    files = sorted(p for p in folder.glob("date=*/*.parquet"))
+    schema = TABLE_SCHEMAS[table]
+    if not files:
+        return schema.empty_table()
+    result = pa.concat_tables([pq.read_table(p, schema=schema) for p in files])
+    if dedup:
+        ids = result[ID_COLUMN[table]].to_pylist()
+        seen: set[str] = set()
+        keep = []
+        for i, value in enumerate(ids):
+            if value not in seen:
+                seen.add(value)
+                keep.append(i)
+        if len(keep) != len(ids):
+            result = result.take(pa.array(keep))
+    return result
+
+
+def iter_ids(root: str | os.PathLike[str], table: str) -> Iterable[str]:
+    """Every id in a table, duplicates included (tests use it to prove exactly-once)."""
+    return read_table(root, table, dedup=False)[ID_COLUMN[table]].to_pylist()
