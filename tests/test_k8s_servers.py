@@ -140,7 +140,22 @@ def _analysis_traffic(channel: grpc.Channel) -> None:
 
     stub = pbg.AnalysisServiceStub(channel)
     assert "welcome-banner" in str(stub.ListExperiments(pb.ListExperimentsRequest(), timeout=10))
-    _call(stub.GetResults, pb.GetResultsRequest(experiment="welcome-banner"))
+    # Results exist once the first computation (started with the worker) is done; until then
+    # the worker says UNAVAILABLE, "retry shortly", as a client would be told.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            response = stub.GetResults(pb.GetResultsRequest(experiment="welcome-banner"), timeout=10)
+            break
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            assert time.monotonic() < deadline, f"no results within 60 s: {err.details()}"
+        time.sleep(0.5)
+    # End to end through the deployment: every unit the assignment server exposed is counted.
+    document = json.loads(response.results_json)
+    assert not document.get("error"), f"the deployed analysis of the deployed flag failed: {document['error']}"
+    assert sum(document["units"].values()) == EXPERIMENT_UNITS, document["units"]
 
 
 def _lake_compacted(*tables: str) -> Callable[[Callable[[], str]], None]:
@@ -157,6 +172,42 @@ def _lake_compacted(*tables: str) -> Callable[[Callable[[], str]], None]:
         pytest.fail(f"no Parquet file published for {tables} within 60 s")
 
     return settle
+
+
+LAKE = "/var/lib/twofold/lake"
+EXPERIMENT_UNITS = 400
+
+
+def _lake_from_the_assignment_server(mounts: dict[str, Path]) -> None:
+    """Fill the analysis worker's lake the way production does: the deployed assignment server
+    (same volume) logs exposures of the example flag and click events, then drains to Parquet."""
+    from protos.twofold.assignment.v1 import assignment_pb2 as pb
+    from protos.twofold.assignment.v1 import assignment_pb2_grpc as pbg
+
+    lake = mounts[LAKE]
+    scratch = lake.parent / "assignment-pod"
+    deployed = as_deployed(render("prod"), "assignment-server", scratch, shared={LAKE: lake})
+    proc, ports = _start(deployed, scratch)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{ports['port']}") as channel:
+            stub = pbg.FlagResolverServiceStub(channel)
+            events = []
+            for i in range(EXPERIMENT_UNITS):
+                request = pb.ResolveFlagsRequest(flags=["flags/welcome-banner"], client_secret=CLIENT_SECRET,
+                                                 apply=True)
+                request.evaluation_context.update({"targeting_key": f"user-{i}"})
+                stub.ResolveFlags(request, timeout=10)
+                if i % 3 == 0:
+                    event = pb.Event(event_id=f"click-{i}", unit=f"user-{i}", name="click")
+                    event.time.GetCurrentTime()
+                    events.append(event)
+            track = pb.TrackEventsRequest(client_secret=CLIENT_SECRET, events=events)
+            track.send_time.GetCurrentTime()
+            assert stub.TrackEvents(track, timeout=10).accepted == len(events)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0
+    assert list((lake / "exposures").rglob("*.parquet")) and list((lake / "events").rglob("*.parquet"))
 
 
 def _first_computation(scrape: Callable[[], str]) -> None:
@@ -184,11 +235,9 @@ SERVERS = {
         may_be_empty={"twofold_lake_write_failures_total": NOT_WITHOUT_FAILURE}),
     "analysis": Server(
         "analysis-worker", "analysis_worker", ("twofold_analysis_",),
-        _analysis_traffic, "twofold.analysis.v1.AnalysisService", settle=_first_computation,
-        may_be_empty={
-            "twofold_analysis_failures_total": NOT_WITHOUT_FAILURE,
-            "twofold_analysis_srm_mismatch": "set only by a computation that had exposures; the lake is empty",
-        }),
+        _analysis_traffic, "twofold.analysis.v1.AnalysisService", prepare=_lake_from_the_assignment_server,
+        settle=_first_computation,
+        may_be_empty={"twofold_analysis_failures_total": NOT_WITHOUT_FAILURE}),
 }
 
 
@@ -206,14 +255,18 @@ def _secret(name: str, key: str) -> str:
     return value
 
 
-def as_deployed(docs: list[Manifest], name: str, scratch: Path) -> Deployed:
-    """The container of Deployment `name`: its volumes under `scratch`, args and env remapped."""
+def as_deployed(docs: list[Manifest], name: str, scratch: Path, shared: dict[str, Path] | None = None) -> Deployed:
+    """The container of Deployment `name`: its volumes under `scratch` (or, for mount paths in
+    `shared`, those folders: two servers on one volume), args and env remapped."""
     deployment = one(docs, "Deployment", name)
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts: dict[str, Path] = {}
     for mount in container["volumeMounts"]:
+        if shared and mount["mountPath"] in shared:
+            mounts[mount["mountPath"]] = shared[mount["mountPath"]]
+            continue
         local = scratch / mount["name"]
         local.mkdir(parents=True)
         volume = volumes[mount["name"]]
