@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.k8s_support import OVERLAYS, Manifest, dashboard, dashboard_panels, find, one, render
+from tests.k8s_support import OVERLAYS, ROOT, Manifest, dashboard, dashboard_panels, find, one, render
 
 SERVERS = {
     # Deployment name -> (subcommand, gRPC port); the ports are the documented defaults.
@@ -299,3 +299,43 @@ def test_secrets_stay_out_of_git_and_are_required() -> None:
         clients = yaml.safe_load(one(docs, "ConfigMap", "twofold-flags")["data"]["clients.yaml"])
         for secret in clients["secrets"]:
             assert env[secret["secret_env"]] == "<secret twofold-assignment/client-secret-backend>"
+
+
+def _dockerfile_stages() -> dict[str, list[str]]:
+    """Stage name -> its instructions (continuation lines joined), from the repository's Dockerfile."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    stages: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.upper().startswith("FROM "):
+            name = line.split()[-1] if " AS " in line.upper() else f"stage{len(stages)}"
+            current = stages.setdefault(name, [])
+        current.append(line)
+    return stages
+
+
+def test_image_and_manifests_agree() -> None:
+    stages = _dockerfile_stages()
+    serve = list(stages.values())[-1]
+    assert list(stages)[-1] == "serve", "the serving image must be the default (last) target"
+    assert re.fullmatch(r"FROM python:3\.1[1-9][.\d]*-slim-\w+ AS serve", serve[0])
+    # The serving stage installs nothing itself: it copies the build stage's virtualenv, whose
+    # `pip install .` has no extras (XGBoost is the `train` extra).
+    assert not any(i.startswith("RUN") and "pip" in i for i in serve)
+    assert "COPY --from=build /opt/twofold /opt/twofold" in serve
+    installs = [i for i in stages["build"] if "pip install" in i]
+    assert len(installs) == 1 and re.search(r"pip install --no-compile \. ", installs[0] + " ")
+    assert 'ENTRYPOINT ["twofold"]' in serve
+    (user,) = [i.split()[1] for i in serve if i.startswith("USER ")]
+    uid, gid = (int(x) for x in user.split(":"))
+    exposed = {int(p) for i in serve if i.startswith("EXPOSE ") for p in i.split()[1:]}
+    for overlay in OVERLAYS:
+        for deployment in find(render(overlay), "Deployment"):
+            pod = deployment["spec"]["template"]["spec"]
+            assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (uid, gid)
+            container = _container(deployment)
+            assert "command" not in container, "the image's ENTRYPOINT (twofold) runs the subcommand in args"
+            assert {p["containerPort"] for p in container["ports"]} <= exposed
