@@ -130,5 +130,6 @@ check="$(grep -o "python -c \"import importlib.util as u.*\"" Dockerfile | sed '
 (cd /tmp && "$IMG/venv/bin/twofold" --help >/dev/null)
 "$IMG/venv/bin/python" -m pip list --format=freeze --disable-pip-version-check 2>/dev/null > "$IMG/packages.txt"
 echo "$(wc -l < "$IMG/packages.txt") packages, $(du -sh "$IMG/venv" | cut -f1) installed, no XGBoost; entrypoint runs"
+rm -rf "$IMG/venv" "$IMG/src"   # half a gigabyte; packages.txt and install.log stay
 
 step "all checks passed (${OVERLAYS[*]})"
