@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)protos/twofold/analysis/v1/analysis.proto\x12\x13twofold.analysis.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x18\n\x16ListExperimentsRequest\"\x9d\x01\n\x11\x45xperimentSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x66lag\x18\x02 \x01(\t\x12/\n\x0b\x63omputed_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0erecommendation\x18\x04 \x01(\t\x12\x14\n\x0csrm_mismatch\x18\x05 \x01(\x08\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"V\n\x17ListExperimentsResponse\x12;\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32&.twofold.analysis.v1.ExperimentSummary\"\'\n\x11GetResultsRequest\x12\x12\n\nexperiment\x18\x01 \x01(\t\"[\n\x12GetResultsResponse\x12\x14\n\x0cresults_json\x18\x01 \x01(\t\x12/\n\x0b\x63omputed_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"2\n\x1c\x43omputeFromStatisticsRequest\x12\x12\n\ninput_json\x18\x01 \x01(\t\"5\n\x1d\x43omputeFromStatisticsResponse\x12\x14\n\x0cresults_json\x18\x01 \x01(\t2\xde\x02\n\x0f\x41nalysisService\x12l\n\x0fListExperiments\x12+.twofold.analysis.v1.ListExperimentsRequest\x1a,.twofold.analysis.v1.ListExperimentsResponse\x12]\n\nGetResults\x12&.twofold.analysis.v1.GetResultsRequest\x1a\'.twofold.analysis.v1.GetResultsResponse\x12~\n\x15\x43omputeFromStatistics\x12\x31.twofold.analysis.v1.ComputeFromStatisticsRequest\x1a\x32.twofold.analysis.v1.ComputeFromStatisticsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)protos/twofold/analysis/v1/analysis.proto\x12\x13twofold.analysis.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x18\n\x16ListExperimentsRequest\"\x9d\x01\n\x11\x45xperimentSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x66lag\x18\x02 \x01(\t\x12/\n\x0b\x63omputed_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0erecommendation\x18\x04 \x01(\t\x12\x14\n\x0csrm_mismatch\x18\x05 \x01(\x08\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"V\n\x17ListExperimentsResponse\x12;\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32&.twofold.analysis.v1.ExperimentSummary\"=\n\x11GetResultsRequest\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x14\n\x0cinclude_html\x18\x02 \x01(\x08\"p\n\x12GetResultsResponse\x12\x14\n\x0cresults_json\x18\x01 \x01(\t\x12/\n\x0b\x63omputed_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0breport_html\x18\x03 \x01(\t\"2\n\x1c\x43omputeFromStatisticsRequest\x12\x12\n\ninput_json\x18\x01 \x01(\t\"5\n\x1d\x43omputeFromStatisticsResponse\x12\x14\n\x0cresults_json\x18\x01 \x01(\t2\xde\x02\n\x0f\x41nalysisService\x12l\n\x0fListExperiments\x12+.twofold.analysis.v1.ListExperimentsRequest\x1a,.twofold.analysis.v1.ListExperimentsResponse\x12]\n\nGetResults\x12&.twofold.analysis.v1.GetResultsRequest\x1a\'.twofold.analysis.v1.GetResultsResponse\x12~\n\x15\x43omputeFromStatistics\x12\x31.twofold.analysis.v1.ComputeFromStatisticsRequest\x1a\x32.twofold.analysis.v1.ComputeFromStatisticsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,13 +39,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTEXPERIMENTSRESPONSE']._serialized_start=285
   _globals['_LISTEXPERIMENTSRESPONSE']._serialized_end=371
   _globals['_GETRESULTSREQUEST']._serialized_start=373
-  _globals['_GETRESULTSREQUEST']._serialized_end=412
-  _globals['_GETRESULTSRESPONSE']._serialized_start=414
-  _globals['_GETRESULTSRESPONSE']._serialized_end=505
-  _globals['_COMPUTEFROMSTATISTICSREQUEST']._serialized_start=507
-  _globals['_COMPUTEFROMSTATISTICSREQUEST']._serialized_end=557
-  _globals['_COMPUTEFROMSTATISTICSRESPONSE']._serialized_start=559
-  _globals['_COMPUTEFROMSTATISTICSRESPONSE']._serialized_end=612
-  _globals['_ANALYSISSERVICE']._serialized_start=615
-  _globals['_ANALYSISSERVICE']._serialized_end=965
+  _globals['_GETRESULTSREQUEST']._serialized_end=434
+  _globals['_GETRESULTSRESPONSE']._serialized_start=436
+  _globals['_GETRESULTSRESPONSE']._serialized_end=548
+  _globals['_COMPUTEFROMSTATISTICSREQUEST']._serialized_start=550
+  _globals['_COMPUTEFROMSTATISTICSREQUEST']._serialized_end=600
+  _globals['_COMPUTEFROMSTATISTICSRESPONSE']._serialized_start=602
+  _globals['_COMPUTEFROMSTATISTICSRESPONSE']._serialized_end=655
+  _globals['_ANALYSISSERVICE']._serialized_start=658
+  _globals['_ANALYSISSERVICE']._serialized_end=1008
 # @@protoc_insertion_point(module_scope)

@@ -34,18 +34,22 @@ class ListExperimentsResponse(_message.Message):
     def __init__(self, experiments: _Optional[_Iterable[_Union[ExperimentSummary, _Mapping]]] = ...) -> None: ...
 
 class GetResultsRequest(_message.Message):
-    __slots__ = ("experiment",)
+    __slots__ = ("experiment", "include_html")
     EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_HTML_FIELD_NUMBER: _ClassVar[int]
     experiment: str
-    def __init__(self, experiment: _Optional[str] = ...) -> None: ...
+    include_html: bool
+    def __init__(self, experiment: _Optional[str] = ..., include_html: bool = ...) -> None: ...
 
 class GetResultsResponse(_message.Message):
-    __slots__ = ("results_json", "computed_at")
+    __slots__ = ("results_json", "computed_at", "report_html")
     RESULTS_JSON_FIELD_NUMBER: _ClassVar[int]
     COMPUTED_AT_FIELD_NUMBER: _ClassVar[int]
+    REPORT_HTML_FIELD_NUMBER: _ClassVar[int]
     results_json: str
     computed_at: _timestamp_pb2.Timestamp
-    def __init__(self, results_json: _Optional[str] = ..., computed_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    report_html: str
+    def __init__(self, results_json: _Optional[str] = ..., computed_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., report_html: _Optional[str] = ...) -> None: ...
 
 class ComputeFromStatisticsRequest(_message.Message):
     __slots__ = ("input_json",)

@@ -1,0 +1,161 @@
+"""`twofold analyze`, `twofold stats` and `twofold serve-analysis`.
+
+Exit codes: 0 results computed; 1 the analysis ran but could not produce results (the document
+says why: no exposures, missing table, ...); 2 the input itself is invalid (bad YAML or JSON).
+Problems go to stderr as one clear line, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from twofold.cli import Command
+from twofold.server import ServerSettings, ServiceSetup, run_service
+from twofold.settings import add_server_arguments, env_default
+
+DEFAULT_PORT = 50053
+
+
+def _err(message: str) -> None:
+    print(f"twofold: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- analyze
+
+def _configure_analyze(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiment", help="experiment definition (YAML)")
+    parser.add_argument("--lake", default=env_default("lake", "data/lake"),
+                        help="lake folder (contract 3) [TWOFOLD_LAKE, default data/lake]")
+    parser.add_argument("--out", default="results",
+                        help="folder for <experiment>.json and <experiment>.html (default ./results)")
+    parser.add_argument("--format", choices=["table", "json"], default="table", help="what to print on stdout")
+    parser.add_argument("--sql", choices=["duckdb", "spark", "bigquery", "trino"],
+                        help="print the sufficient-statistics SQL in this dialect and exit")
+    parser.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: all cores)")
+    parser.add_argument("--memory-limit", default=env_default("analysis_memory_limit", None),
+                        help="DuckDB memory limit, e.g. 3GB; beyond it DuckDB spills to disk "
+                             "[TWOFOLD_ANALYSIS_MEMORY_LIMIT, default 80%% of RAM]")
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from analysis_worker.analyze import analyze
+    from analysis_worker.config import ConfigError, load_experiment
+    from analysis_worker.report import render_table
+    from analysis_worker.sql import build_query, transpile
+
+    try:
+        config = load_experiment(args.experiment)
+    except ConfigError as exc:
+        _err(str(exc))
+        return 2
+    if args.sql:
+        print(transpile(build_query(config), args.sql))
+        return 0
+    try:
+        result = analyze(config, args.lake, threads=args.threads, memory_limit=args.memory_limit)
+    except Exception as exc:  # a bug, not bad input: still one line, and a non-zero exit
+        _err(f"{config.name}: internal error ({type(exc).__name__}: {exc})")
+        return 1
+    try:
+        json_path, html_path = result.write(args.out)
+    except OSError as exc:
+        _err(f"cannot write results to {args.out}: {exc}")
+        return 1
+    if args.format == "json":
+        print(json.dumps(result.document, indent=2))
+    else:
+        print(render_table(result.document))
+        print(f"\nresults: {json_path}\nreport:  {html_path}\n({result.duration_seconds:.2f} s, "
+              f"{result.rows_scanned:,} lake rows)")
+    if result.error:
+        _err(f"{config.name}: {result.error}")
+        return 1
+    return 0
+
+
+ANALYZE = Command(configure=_configure_analyze, run=_run_analyze)
+
+
+# ---------------------------------------------------------------- stats
+
+def _configure_stats(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="sufficient statistics as JSON (see docs/analysis.md), or - for stdin")
+    parser.add_argument("--html", help="also write the HTML report here")
+    parser.add_argument("--table", action="store_true", help="print the terminal table instead of JSON")
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    from analysis_worker.compute import compute_results
+    from analysis_worker.inputs import InputError, parse_input
+    from analysis_worker.report import render_html, render_table
+
+    try:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    except OSError as exc:
+        _err(f"cannot read {args.file}: {exc.strerror or exc}")
+        return 2
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        _err(f"{args.file}: not valid JSON ({exc})")
+        return 2
+    try:
+        inp = parse_input(raw)
+    except InputError as exc:
+        _err(f"{args.file}: {exc}")
+        return 2
+    document = compute_results(inp)
+    print(render_table(document) if args.table else json.dumps(document, indent=2))
+    if args.html:
+        Path(args.html).write_text(render_html(document))
+    return 0
+
+
+STATS = Command(configure=_configure_stats, run=_run_stats)
+
+
+# ---------------------------------------------------------------- serve-analysis
+
+def parse_every(value: str) -> float:
+    """'15m', '1h', '30s' or seconds -> seconds (argparse type)."""
+    from analysis_worker.config import ConfigError, parse_duration
+
+    try:
+        return float(parse_duration(float(value) if value.replace(".", "", 1).isdigit() else value, "--every"))
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _configure_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiments", nargs="+", default=[env_default("experiments", "experiments")],
+                        help="experiment YAML files or folders of them [TWOFOLD_EXPERIMENTS]")
+    parser.add_argument("--lake", default=env_default("lake", "data/lake"), help="lake folder [TWOFOLD_LAKE]")
+    parser.add_argument("--every", type=parse_every, default=parse_every(env_default("every", "15m") or "15m"),
+                        help="recompute every experiment this often, e.g. 15m, 1h [TWOFOLD_EVERY]")
+    parser.add_argument("--out", default=env_default("results_dir", None),
+                        help="also write <experiment>.json/.html here after each computation [TWOFOLD_RESULTS_DIR]")
+    parser.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: all cores)")
+    parser.add_argument("--memory-limit", default=env_default("analysis_memory_limit", None),
+                        help="DuckDB memory limit, e.g. 3GB [TWOFOLD_ANALYSIS_MEMORY_LIMIT]")
+    add_server_arguments(parser, default_port=DEFAULT_PORT)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from analysis_worker.service import AnalysisWorker, registration
+
+    async def setup(_settings: ServerSettings) -> ServiceSetup:
+        worker = AnalysisWorker(args.experiments, args.lake, every_seconds=args.every, out_dir=args.out,
+                                threads=args.threads, memory_limit=args.memory_limit)
+
+        async def on_started(_running: object) -> None:
+            worker.start()
+
+        return ServiceSetup(services=[registration(worker)], on_started=on_started, on_stop=worker.stop)
+
+    return run_service(args, setup)
+
+
+SERVE = Command(configure=_configure_serve, run=_run_serve)

@@ -1,0 +1,63 @@
+"""Wiring of the assignment server: state source, lake writers, token codec, servicer."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from assignment_server.resolver import InMemoryMaterializations, MaterializationStore, SqliteMaterializations
+from assignment_server.service import SERVICE_NAME, FlagResolverServicer, add_to_server
+from assignment_server.state_source import StateSource
+from assignment_server.tokens import TokenCodec, load_key
+from twofold.lake import LakeWriter
+from twofold.server import RunningServer, ServiceRegistration, ServiceSetup
+from twofold.settings import ServerSettings
+
+log = logging.getLogger("twofold.assignment")
+
+
+def open_materializations(spec: str | None, lake: str) -> MaterializationStore:
+    if spec == "memory":
+        return InMemoryMaterializations()
+    path = Path(spec) if spec else Path(lake).resolve().parent / "materializations.sqlite"
+    return SqliteMaterializations(path)
+
+
+def build_setup(args: argparse.Namespace) -> Callable[[ServerSettings], Awaitable[ServiceSetup]]:
+    """The `setup` for `twofold.server.run_service` (also used by tests with a Namespace)."""
+
+    async def setup(settings: ServerSettings) -> ServiceSetup:
+        source = StateSource(args.flags, poll_interval=args.reload_interval)
+        served = source.load_initial()
+        key, origin = load_key(getattr(args, "token_key", None), getattr(args, "token_key_file", None))
+        if origin == "generated at startup":
+            log.warning("no token key configured; generated one (resolve tokens will not survive a restart "
+                        "or work across replicas): set TWOFOLD_TOKEN_KEY")
+        exposures = LakeWriter(args.lake, "exposures")
+        events = LakeWriter(args.lake, "events")
+        await exposures.start()
+        await events.start()
+        store = open_materializations(getattr(args, "materializations", None), args.lake)
+        servicer = FlagResolverServicer(source, exposures, events, TokenCodec(key), store)
+        log.info("assignment server ready", extra={"fields": {
+            "flags": str(args.flags), "lake": str(args.lake), "generation": served.generation,
+            "token_key": origin}})
+
+        async def on_started(_running: RunningServer) -> None:
+            source.start()
+
+        async def on_stop() -> None:
+            await source.stop()
+            await exposures.close()
+            await events.close()
+            close = getattr(store, "close", None)
+            if close is not None:
+                close()
+
+        return ServiceSetup(
+            services=[ServiceRegistration(SERVICE_NAME, servicer, add_to_server)],
+            on_started=on_started, on_stop=on_stop)
+
+    return setup

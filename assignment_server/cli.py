@@ -1,0 +1,153 @@
+"""`twofold serve-assignment`, `twofold flags` and `twofold conformance`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from twofold.cli import Command
+from twofold.settings import add_server_arguments, env_default
+
+log = logging.getLogger("twofold.assignment")
+DEFAULT_PORT = 50051
+
+
+# -- serve-assignment ---------------------------------------------------------------------------
+
+def _configure_serve(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("assignment server")
+    g.add_argument("--flags", default=env_default("flags", None), required=env_default("flags", None) is None,
+                   help="folder of flag YAML files, or a Confidence JSON state file [TWOFOLD_FLAGS]")
+    g.add_argument("--lake", default=env_default("lake", "data/lake"),
+                   help="lake root for exposures and events [TWOFOLD_LAKE]")
+    g.add_argument("--materializations", default=env_default("materializations", None),
+                   help="SQLite file for sticky assignments (default <lake>/../materializations.sqlite), "
+                        "or 'memory' [TWOFOLD_MATERIALIZATIONS]")
+    g.add_argument("--token-key", default=None,
+                   help="base64 of 32 random bytes sealing resolve tokens [TWOFOLD_TOKEN_KEY]; "
+                        "generated at startup when absent (tokens then die with the process)")
+    g.add_argument("--token-key-file", default=env_default("token_key_file", None),
+                   help="file holding the token key [TWOFOLD_TOKEN_KEY_FILE]")
+    g.add_argument("--reload-interval", type=float, default=float(env_default("reload_interval", "1.0") or 1.0),
+                   help="seconds between checks of the flag source, 0 disables hot reload "
+                        "[TWOFOLD_RELOAD_INTERVAL]")
+    add_server_arguments(parser, DEFAULT_PORT)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from assignment_server.app import build_setup
+    from assignment_server.authoring.errors import FlagFileError
+    from assignment_server.resolver import StateError
+    from twofold.server import run_service
+
+    try:
+        return run_service(args, build_setup(args))
+    except (FlagFileError, StateError, OSError) as exc:
+        # No last good state to fall back to at startup: refuse to start, saying why.
+        problems = [str(p) for p in getattr(exc, "problems", [])] or [str(exc)]
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        print(f"twofold serve-assignment: cannot load the flag source {args.flags}", file=sys.stderr)
+        return 2
+
+
+SERVE = Command(_configure_serve, _run_serve)
+
+
+# -- flags ----------------------------------------------------------------------------------------
+
+def _configure_flags(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    v = sub.add_parser("validate", help="check a flags folder; errors name the file and line")
+    v.add_argument("dir")
+    v.add_argument("--strict", action="store_true", help="also fail on warnings (e.g. an out-of-date lock)")
+    c = sub.add_parser("compile", help="write the resolver state JSON a folder compiles to")
+    c.add_argument("dir")
+    c.add_argument("-o", "--output", default="-", help="output file, - for stdout")
+    lk = sub.add_parser("lock", help="update allocations.lock.json (commit it with the flag change)")
+    lk.add_argument("dir")
+
+
+def _run_flags(args: argparse.Namespace) -> int:
+    from assignment_server.authoring.compiler import LOCK_FILE, compile_folder
+    from assignment_server.authoring.errors import FlagFileError
+    from assignment_server.resolver import ResolverState, StateError
+
+    try:
+        result = compile_folder(args.dir)
+        ResolverState.from_json(result.state_json())
+    except FlagFileError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        print(f"{len(exc.problems)} error(s)", file=sys.stderr)
+        return 1
+    except StateError as exc:
+        print(f"error: compiled state does not load: {exc}", file=sys.stderr)
+        return 1
+    if args.action == "lock":
+        path = Path(args.dir) / LOCK_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result.lock, indent=1, sort_keys=True) + "\n")
+        tmp.replace(path)
+        for seg, entry in result.lock["segments"].items():
+            print(f"{seg}: {entry['buckets']} buckets ({entry['permutation']})")
+        print(f"wrote {path}")
+        return 0
+    warnings = [w for w in result.warnings if not (args.action == "lock" and LOCK_FILE in w)]
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if args.action == "compile":
+        data = result.state_json()
+        if args.output == "-":
+            sys.stdout.buffer.write(data + b"\n")
+        else:
+            Path(args.output).write_bytes(data)
+        return 0
+    flags = len(result.state["flags"])
+    print(f"ok: {flags} flag(s), {len(result.files)} file(s)")
+    return 1 if (args.strict and warnings) else 0
+
+
+FLAGS = Command(_configure_flags, _run_flags)
+
+
+# -- conformance ----------------------------------------------------------------------------------
+
+def _configure_conformance(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="suite", required=True, metavar="SUITE")
+    c = sub.add_parser("confidence", help="Confidence resolver specification (state.json + tests.json)")
+    c.add_argument("--state", required=True, help="resolver state JSON (or a flags folder)")
+    c.add_argument("--tests", required=True, help="tests.json")
+    c.add_argument("-q", "--quiet", action="store_true", help="print failures and the summary only")
+
+
+def _run_conformance(args: argparse.Namespace) -> int:
+    from assignment_server.authoring.compiler import load_flag_source
+    from assignment_server.conformance import load_cases, run_case
+    from assignment_server.resolver import ResolverState
+
+    try:
+        state_bytes, _ = load_flag_source(args.state)
+        state = ResolverState.from_json(state_bytes)
+        cases = load_cases(args.tests)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    passed = failed = 0
+    for case in cases:
+        result = run_case(state, case)
+        if result.passed:
+            passed += 1
+            if not args.quiet:
+                print(f"PASS {result.name}")
+        else:
+            failed += 1
+            print(f"FAIL {result.name}: {'; '.join(result.problems)}")
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+CONFORMANCE = Command(_configure_conformance, _run_conformance)
