@@ -50,8 +50,7 @@ def experiment_config(start: dt.datetime, end: dt.datetime | None = None) -> dic
     config: dict[str, Any] = {
         "name": FLAG,
         "description": "static vs XGBoost ranker vs LinUCB bandit on the home page",
-        # The lake's exposures name flags in full ("flags/<name>"), as the resolver does.
-        "flag": f"flags/{FLAG}",
+        "flag": FLAG,
         "variants": [{"name": arm, "weight": 1 / len(ARMS)} for arm in ARMS],
         "control": "static",
         "start": start.isoformat(),
