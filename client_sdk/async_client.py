@@ -292,6 +292,7 @@ class AsyncClient:
         calls = []
         for request in requests:
             stub = self._resolvers[self._assignment_pool.pick()]  # type: ignore[union-attr]
+            core.stamp_send_time(request)
             if isinstance(request, apb.ApplyFlagsRequest):
                 calls.append(stub.ApplyFlags(request, timeout=self.options.deadlines.apply))
             else:

@@ -456,13 +456,15 @@ class ClientCore:
                    "exposures" if is_apply else "events", message)
 
     def drain_all(self) -> list[apb.ApplyFlagsRequest | apb.TrackEventsRequest]:
-        """Everything queued as requests, send_time stamped now."""
-        requests: list[apb.ApplyFlagsRequest | apb.TrackEventsRequest] = [
-            *self.exposures.drain(self.client_secret), *self.events.drain(self.client_secret)]
-        stamp = now_timestamp()
-        for request in requests:
-            request.send_time.CopyFrom(stamp)
-        return requests
+        """Everything queued as requests; stamp each with `stamp_send_time` as it is handed to gRPC."""
+        return [*self.exposures.drain(self.client_secret), *self.events.drain(self.client_secret)]
+
+    @staticmethod
+    def stamp_send_time(request: apb.ApplyFlagsRequest | apb.TrackEventsRequest) -> None:
+        """Set `send_time` to now. Stamped per request at the moment it is sent, not once per batch:
+        the server corrects clock skew as receive - (send - apply), so any delay between the
+        stamp and the real send would shift exposures later than they happened."""
+        request.send_time.CopyFrom(now_timestamp())
 
     def should_flush_early(self) -> bool:
         return len(self.exposures) >= self.options.batch_size or len(self.events) >= self.options.batch_size

@@ -301,6 +301,7 @@ def send_blocking(stubs: Sequence[assignment_pb2_grpc.FlagResolverServiceStub], 
     sent = []
     for request in core.drain_all():
         stub = stubs[pool.pick()]
+        core.stamp_send_time(request)
         if isinstance(request, apb.ApplyFlagsRequest):
             sent.append((stub.ApplyFlags.future(request, timeout=options.deadlines.apply), request))
         else:

@@ -98,6 +98,10 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     purchases = events.filter(pc.equal(events.column("name"), "purchase"))
     assert purchases.num_rows > 100 and pc.min(purchases.column("value")).as_py() >= 20.0
     assert set(events.column("unit").to_pylist()) <= set(exposures.column("unit").to_pylist())
+    # Outcomes happen after the visit, and the lake's (skew-corrected) timestamps say so.
+    first_exposure = dict(zip(exposures.column("unit").to_pylist(), exposures.column("ts").to_pylist(), strict=True))
+    assert all(ts >= first_exposure[unit] for unit, ts in zip(events.column("unit").to_pylist(),
+                                                               events.column("ts").to_pylist(), strict=True))
 
     # The bandit's decisions are logged with their propensities, one per bandit unit.
     bandit_units = {u for u, v in zip(exposures.column("unit").to_pylist(), exposures.column("variant").to_pylist(),

@@ -103,6 +103,8 @@ def test_failed_delivery_is_requeued_with_the_same_ids() -> None:
     assert len(set(ids)) == 3
     core.use(_result())
     requests = core.drain_all()
+    for request in requests:
+        core.stamp_send_time(request)
     assert all(r.send_time.seconds > 0 for r in requests)
 
     class Unavailable(grpc.RpcError):

@@ -141,6 +141,9 @@ async def _simulate(servers: dict[str, ServerProcess], users: np.ndarray, args: 
             visits = await visit_all(client, experiment.FLAG, units, users, countries,
                                      concurrency=args.concurrency, progress=bar,
                                      decision_ids=[_decision_id(args.seed, u) for u in units])
+        # The visits' exposures reach the server before any outcome exists: a conversion
+        # happens after the page view, and the lake's timestamps must say so.
+        await client.flush()
         outcomes = draw_outcomes(visits, users, args.seed + 2)
         events = track_outcomes(client, visits, outcomes)
         if not await client.flush():
