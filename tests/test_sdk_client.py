@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -32,9 +33,11 @@ from client_sdk import (
     Reason,
     SystemAnswer,
     SystemCall,
+    TlsConfig,
     TwofoldError,
 )
 from client_sdk.demo.processes import ServerGroup, ServerProcess
+from tests.tls_certs import issue, make_ca
 from twofold.lake import read_table
 
 SECRET = "test-secret"
@@ -93,7 +96,7 @@ def write_flags(folder: Path, text: str = FLAGS_YAML) -> Path:
 
 
 def start_assignment(group: ServerGroup, base: Path, name: str = "assignment", port: int = 0,
-                     lake: Path | None = None) -> ServerProcess:
+                     lake: Path | None = None, extra: tuple[str, ...] = ()) -> ServerProcess:
     """A real assignment server over `base/flags`, its lake under `base/lake` (or `lake`)."""
     key_file = base / "token.key"
     if not key_file.exists():
@@ -102,7 +105,7 @@ def start_assignment(group: ServerGroup, base: Path, name: str = "assignment", p
         write_flags(base / "flags")
     return group.start(name, ["serve-assignment", "--flags", str(base / "flags"), "--lake", str(lake or base / "lake"),
                               "--token-key-file", str(key_file), "--reload-interval", "0.2",
-                              "--materializations", "memory", "--log-format", "text"], port=port)
+                              "--materializations", "memory", "--log-format", "text", *extra], port=port)
 
 
 def metric(server: ServerProcess, name: str, **labels: str) -> float:
@@ -450,3 +453,50 @@ def test_queued_records_are_flushed_at_interpreter_exit(tmp_path: Path) -> None:
     events = read_table(tmp_path / "lake", "events")
     assert sorted(zip(events.column("unit").to_pylist(), events.column("value").to_pylist(), strict=True)) == \
         [("exit-async", 2.0), ("exit-sync", 1.0)]
+
+
+def test_many_threads_share_one_client(tmp_path: Path) -> None:
+    with ServerGroup(tmp_path / "run") as group:
+        server = start_assignment(group, tmp_path)
+        units = [f"t{i}" for i in range(400)]
+        with Client(server.target, client_secret=SECRET, options=_opts(flush_interval=0.05, batch_size=16)) as client:
+            def work(unit: str) -> tuple[str | None, str]:
+                decision = client.decide("home-ranking", unit)
+                return decision.variant, client.track("purchase", unit, 1.0)
+
+            with ThreadPoolExecutor(8) as pool:
+                results = list(pool.map(work, units))
+            assert client.flush()
+            assert all(variant in ("static", "ranker", "bandit") for variant, _ in results)
+            assert client.stats.exposures_sent == 400 and client.stats.events_sent == 400
+        group.stop_all()
+        assert sorted(read_table(tmp_path / "lake", "exposures").column("unit").to_pylist()) == sorted(units)
+        assert sorted(read_table(tmp_path / "lake", "events").column("event_id").to_pylist()) == \
+            sorted(event_id for _, event_id in results)
+
+
+def test_tls_and_mutual_tls(tmp_path: Path) -> None:
+    ca_pem, ca_key, ca_cert = make_ca()
+    files = {"ca": ca_pem.cert}
+    for name, pem in (("server", issue(ca_key, ca_cert, "localhost", server=True)),
+                      ("client", issue(ca_key, ca_cert, "backend", server=False))):
+        files[f"{name}_cert"], files[f"{name}_key"] = pem.cert, pem.key
+    paths = {}
+    for name, data in files.items():
+        paths[name] = tmp_path / f"{name}.pem"
+        paths[name].write_bytes(data)
+    with ServerGroup(tmp_path / "run") as group:
+        server = start_assignment(group, tmp_path, extra=(
+            "--tls-cert", str(paths["server_cert"]), "--tls-key", str(paths["server_key"]),
+            "--tls-client-ca", str(paths["ca"])))
+        mutual = TlsConfig(root_certificates=paths["ca"], certificate_chain=paths["client_cert"],
+                           private_key=paths["client_key"], server_name="localhost")
+        with Client(server.target, client_secret=SECRET, options=_opts(tls=mutual)) as client:
+            assert client.resolve("checkout", "u1", {"country": "SE"}).reason is Reason.MATCH
+            client.track("purchase", "u1", 1.0)
+            assert client.flush()
+        # Without a client certificate the server refuses the handshake: the default, with the error.
+        anonymous = TlsConfig(root_certificates=paths["ca"], server_name="localhost")
+        with Client(server.target, client_secret=SECRET, options=_opts(tls=anonymous)) as client:
+            refused = client.resolve("checkout", "u1", {"country": "SE"}, default="d")
+            assert (refused.value, refused.reason, refused.error_code) == ("d", Reason.DEFAULT, ErrorCode.UNAVAILABLE)

@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
                            "analysis_worker.analyze") if _missing(m)]
     if missing:
         print(f"twofold demo: missing {', '.join(missing)}; the demo needs the three services and the "
-              "training tools (pip install 'twofold[train]')", file=sys.stderr)
+              "training tools (pip install 'twofold[demo]')", file=sys.stderr)
         return 2
     started = time.monotonic()
     temp = tempfile.mkdtemp(prefix="twofold-demo-") if args.temp else None
