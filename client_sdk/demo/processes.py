@@ -14,8 +14,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -80,11 +81,13 @@ class ServerProcess:
 
 
 def start_server(name: str, args: Sequence[str], workdir: Path, *, port: int = 0, timeout: float = 90.0,
-                 env: dict[str, str] | None = None) -> ServerProcess:
+                 env: dict[str, str] | None = None,
+                 on_spawn: Callable[[ServerProcess], None] | None = None) -> ServerProcess:
     """Run `python -m twofold ARGS` with a ready file and a log file under `workdir`.
 
     `port` 0 lets the server pick a free port; a given port restarts a server where its
-    clients already point.
+    clients already point. `on_spawn` learns the process as soon as it exists, before it is
+    ready, so an interruption during start-up still knows what to stop.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     ready = workdir / f"{name}.ready.json"
@@ -99,6 +102,8 @@ def start_server(name: str, args: Sequence[str], workdir: Path, *, port: int = 0
                             # which then stops its servers in order (drain, flush) itself.
                             start_new_session=True)
     server = ServerProcess(name=name, args=list(args), proc=proc, log_path=log_path, ready_file=ready, _log=log)
+    if on_spawn is not None:
+        on_spawn(server)
     deadline = time.monotonic() + timeout
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -117,18 +122,25 @@ class ServerGroup:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.servers: dict[str, ServerProcess] = {}
+        self._lock = threading.Lock()
 
     def start(self, name: str, args: Sequence[str], **kwargs: object) -> ServerProcess:
-        server = start_server(name, args, self.workdir, **kwargs)  # type: ignore[arg-type]
-        self.servers[name] = server
-        return server
+        """Start a server (thread-safe: servers may be started concurrently)."""
+        def register(server: ServerProcess) -> None:
+            with self._lock:
+                self.servers[name] = server
+
+        return start_server(name, args, self.workdir, on_spawn=register, **kwargs)  # type: ignore[arg-type]
 
     def stop(self, name: str, timeout: float = 20.0) -> int | None:
-        server = self.servers.pop(name, None)
+        with self._lock:
+            server = self.servers.pop(name, None)
         return server.stop(timeout) if server is not None else None
 
     def stop_all(self, timeout: float = 20.0) -> None:
-        for name in reversed(list(self.servers)):
+        with self._lock:
+            names = list(self.servers)
+        for name in reversed(names):
             self.stop(name, timeout)
 
     def __enter__(self) -> ServerGroup:

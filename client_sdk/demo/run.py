@@ -110,9 +110,14 @@ def _start_servers(group: ServerGroup, paths: dict[str, Path]) -> dict[str, Serv
                      "--every", "5s", "--out", str(paths["results"] / "served"), "--threads", "1",
                      "--log-format", "text"],
     }
-    with concurrent.futures.ThreadPoolExecutor(len(commands)) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(len(commands))
+    try:
         futures = {name: pool.submit(group.start, name, args) for name, args in commands.items()}
         return {name: future.result() for name, future in futures.items()}
+    finally:
+        # On Ctrl-C, do not wait for start-ups to finish: the group already knows every process
+        # spawned so far (registered before readiness) and the caller stops them all.
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _decision_id(seed: int, unit: str) -> str:
