@@ -93,25 +93,41 @@ class Check:
     ci_upper: float
     significant: bool
     covered: bool
-    required: bool  # the primary metric's non-zero effects must also be detected
+    primary: bool
+    # Probability that this interval misses the truth (two-sided: alpha; a guardrail's interval
+    # around a one-sided test: 2 * alpha).
+    miss_rate: float
 
 
-@dataclass(frozen=True)
+@dataclass
 class Recovery:
     checks: list[Check]
     srm_ok: bool
     srm_p: float
-    problems: list[str]
+    problems: list[str]  # any of these: not recovered
+    notes: list[str]  # misses a calibrated analysis is expected to make now and then
 
     @property
     def recovered(self) -> bool:
         return not self.problems
 
+    @property
+    def joint_coverage(self) -> float:
+        """Bonferroni's guarantee: every interval covers the truth at once with at least this probability."""
+        return max(0.0, 1.0 - sum(c.miss_rate for c in self.checks))
+
 
 def check_recovery(document: dict[str, Any], truth: Truth) -> Recovery:
-    """Did the analysis find the known effects (inside the intervals, detected) and no SRM?"""
+    """Did the analysis recover the known effects?
+
+    Recovered means: no sample-ratio mismatch, and for each personalized arm the primary
+    metric's interval covers the true lift and the lift is detected (significant, right sign).
+    Every other interval is compared with the truth too; a miss there is reported as a note,
+    since calibrated intervals miss with a known small probability (`joint_coverage`).
+    """
     effects = true_effects(truth)
     problems: list[str] = []
+    notes: list[str] = []
     checks: list[Check] = []
     if document.get("error"):
         problems.append(f"the analysis failed: {document['error']}")
@@ -128,23 +144,26 @@ def check_recovery(document: dict[str, Any], truth: Truth) -> Recovery:
             problems.append(f"no {metric} comparison for {arm}")
             continue
         lower, upper = float(comparison["ci_lower"]), float(comparison["ci_upper"])
-        covered = lower <= true_diff <= upper
-        significant = bool(comparison.get("significant"))
-        # Coverage is checked for every interval; detection only for the primary metric, whose
-        # effect the default size is powered for (revenue is noisier, bounce has no effect).
-        required = metric == PRIMARY and true_diff != 0.0
-        checks.append(Check(metric, arm, true_diff, float(comparison["diff"]), lower, upper, significant, covered,
-                            required))
-        if not covered:
-            problems.append(f"{metric}/{arm}: true effect {true_diff:+.4f} outside [{lower:+.4f}, {upper:+.4f}]")
-        if required and not (significant and comparison["diff"] * true_diff > 0):
-            problems.append(f"{metric}/{arm}: true effect {true_diff:+.4f} not detected")
-    return Recovery(checks, srm_ok, srm_p, problems)
+        alpha = float(comparison.get("alpha", 0.05))
+        miss_rate = alpha if comparison.get("alternative", "two-sided") == "two-sided" else 2 * alpha
+        check = Check(metric, arm, true_diff, float(comparison["diff"]), lower, upper,
+                      bool(comparison.get("significant")), lower <= true_diff <= upper, metric == PRIMARY, miss_rate)
+        checks.append(check)
+        outside = f"{metric}/{arm}: true effect {true_diff:+.4f} outside [{lower:+.4f}, {upper:+.4f}]"
+        if check.primary:
+            if not check.covered:
+                problems.append(outside)
+            if not (check.significant and check.diff * true_diff > 0):
+                problems.append(f"{metric}/{arm}: true effect {true_diff:+.4f} not detected")
+        elif not check.covered:
+            notes.append(f"{outside} (this interval misses with probability {miss_rate:.1%})")
+    return Recovery(checks, srm_ok, srm_p, problems, notes)
 
 
 def format_recovery(recovery: Recovery, truth: Truth) -> str:
     """The truth-vs-estimate table the demo prints."""
-    lines = ["Known effects vs the analysis (difference from static; 95% intervals, Bonferroni-corrected):",
+    lines = ["Known effects vs the analysis (difference from static; Bonferroni-corrected intervals, all "
+             f"covering the truth together with probability >= {recovery.joint_coverage:.0%}):",
              "  true conversion rates: " + ", ".join(f"{k} {v:.2%}" for k, v in truth.rates.items()),
              f"  {'metric':<11} {'arm':<7} {'true':>9} {'estimate':>9} {'interval':>22}  covered  significant"]
     for c in recovery.checks:
@@ -152,4 +171,5 @@ def format_recovery(recovery: Recovery, truth: Truth) -> str:
                      f"[{c.ci_lower:>+9.4f}, {c.ci_upper:>+9.4f}]  {'yes' if c.covered else 'NO':<7}  "
                      f"{'yes' if c.significant else 'no'}")
     lines.append(f"  sample-ratio check: p = {recovery.srm_p:.3g} ({'ok' if recovery.srm_ok else 'MISMATCH'})")
+    lines.extend(f"  note: {note}" for note in recovery.notes)
     return "\n".join(lines)

@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     group = ServerGroup(paths["logs"])
     try:
         with InterruptGuard():
-            return _run(args, folder, paths, group, progress, started)
+            return _run(args, folder, paths, group, progress, started, temp=bool(temp))
     except KeyboardInterrupt:
         print("\ninterrupted: stopping the servers the demo started", file=sys.stderr)
         return 130
@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, folder: Path, paths: dict[str, Path], group: ServerGroup,
-         progress: bool, started: float) -> int:
+         progress: bool, started: float, *, temp: bool) -> int:
     _say(f"Twofold demo in {folder}")
     with Step(f"training the XGBoost ranker and the LinUCB bandit on {args.train_rows} logged visits"):
         trained: TrainedSystems = train_systems(paths["repository"], rows=args.train_rows, seed=args.seed)
@@ -307,6 +307,8 @@ def _run(args: argparse.Namespace, folder: Path, paths: dict[str, Path], group: 
     bandit_units, logged, p_min, p_max = _bandit_log(paths["lake"], visits)
     _say(f"  bandit decision log: {logged} of {bandit_units} bandit decisions in the lake, "
          f"propensities in [{p_min:.3f}, {p_max:.3f}]")
+    if temp:
+        _say("(--temp: the folder and its report are removed on exit; use --dir to keep them)")
     if logged != bandit_units or not 0 < p_min <= p_max <= 1:
         recovery.problems.append("the bandit's decisions are not all logged with propensities in (0, 1]")
     _say("")
@@ -315,8 +317,10 @@ def _run(args: argparse.Namespace, folder: Path, paths: dict[str, Path], group: 
     _say(f"Servers' logs: {paths['logs']}")
     elapsed = time.monotonic() - started
     if recovery.recovered:
-        _say(f"RECOVERED: the analysis found the known effects (every interval covers the truth, both "
-             f"personalized systems detected, no sample-ratio mismatch). Total {elapsed:.0f}s.")
+        covered = sum(c.covered for c in recovery.checks)
+        _say(f"RECOVERED: the analysis found the known effects: both personalized systems' true conversion "
+             f"lifts inside their intervals and detected, no sample-ratio mismatch ({covered} of "
+             f"{len(recovery.checks)} intervals cover the truth). Total {elapsed:.0f}s.")
         return 0
     _say("NOT RECOVERED:\n  " + "\n  ".join(recovery.problems) + f"\nTotal {elapsed:.0f}s.")
     return 1
