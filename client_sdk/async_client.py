@@ -155,6 +155,7 @@ class AsyncClient:
               properties: Mapping[str, Any] | None = None, time_ns: int | None = None) -> str:
         """Queue a metric event (no await needed); returns its client-made id."""
         event_id = self._core.track(event, unit, value, properties, time_ns)
+        self._start_if_in_loop()
         if self._wake is not None and self._core.should_flush_early():
             self._wake.set()
         return event_id
@@ -179,6 +180,8 @@ class AsyncClient:
         """Flush, stop the background tasks, close the channels. Idempotent."""
         if self._closed:
             return
+        if self._core.pending():
+            self._start()  # e.g. only track() was called so far: the channels must exist to flush
         self._closed = True
         for task in self._tasks:
             task.cancel()
@@ -225,6 +228,16 @@ class AsyncClient:
         self._tasks.append(asyncio.create_task(self._flush_loop(), name="twofold-sdk-flush"))
         if self._local is not None:
             self._tasks.append(asyncio.create_task(self._watch_loop(), name="twofold-sdk-state"))
+
+    def _start_if_in_loop(self) -> None:
+        """Start the background delivery from a plain method (track) when called inside a running loop."""
+        if self._started or self._closed:
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop: delivered at close() or at interpreter exit
+        self._start()
 
     def _unusable(self, message: str, unit: str, flags: Sequence[str],
                   defaults: Mapping[str, Any]) -> dict[str, FlagResult]:

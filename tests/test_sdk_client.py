@@ -500,3 +500,19 @@ def test_tls_and_mutual_tls(tmp_path: Path) -> None:
         with Client(server.target, client_secret=SECRET, options=_opts(tls=anonymous)) as client:
             refused = client.resolve("checkout", "u1", {"country": "SE"}, default="d")
             assert (refused.value, refused.reason, refused.error_code) == ("d", Reason.DEFAULT, ErrorCode.UNAVAILABLE)
+
+
+def test_async_client_that_only_tracks_delivers_in_the_background(server: ServerProcess) -> None:
+    async def main() -> tuple[int, int]:
+        client = AsyncClient(server.target, client_secret=SECRET, options=_opts(flush_interval=0.05))
+        client.track("purchase", "only-tracks", 1.0)  # no await before: the client starts on this call
+        for _ in range(100):
+            if client.stats.events_sent:
+                break
+            await asyncio.sleep(0.05)
+        before_close = client.stats.events_sent
+        client.track("purchase", "only-tracks", 2.0)
+        await client.close()
+        return before_close, client.stats.events_sent
+
+    assert asyncio.run(main()) == (1, 2)
