@@ -36,19 +36,19 @@ class Visit:
 
 
 def shown_theme(decision: Decision) -> int:
-    """The theme index a Decision shows (the static theme for defaults and fallbacks)."""
+    """The theme index a Decision shows.
+
+    A bandit answers with a theme name, the ranker with theme indices best first, the static
+    arm (and the flag's fallback or the default) with `{"theme": ...}`; anything else shows the
+    static theme.
+    """
     value = decision.value
-    if decision.reason is Reason.MATCH or decision.reason is Reason.STALE:
-        if decision.system == "bandit" and isinstance(value, str) and value in world.THEMES:
-            return world.THEMES.index(value)
-        if decision.system == "model" and isinstance(value, list) and value:
-            return int(value[0])
-        if isinstance(value, dict) and value.get("theme") in world.THEMES:
-            return world.THEMES.index(value["theme"])
+    if isinstance(value, str) and value in world.THEMES:
+        return world.THEMES.index(value)
+    if isinstance(value, list) and value and isinstance(value[0], int) and 0 <= value[0] < len(world.THEMES):
+        return int(value[0])
     if isinstance(value, dict) and value.get("theme") in world.THEMES:
         return world.THEMES.index(value["theme"])
-    if isinstance(value, list) and value and isinstance(value[0], int):
-        return int(value[0])
     return world.THEMES.index(world.STATIC_THEME)
 
 
