@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lake", help="lake folder (generated if it has no exposures yet; default: a temp folder)")
     parser.add_argument("--experiment", default=str(DEFAULT_EXPERIMENT))
     parser.add_argument("--skip-pandas", action="store_true", help="only the DuckDB path")
-    parser.add_argument("--memory-limit", default="3GB",
+    parser.add_argument("--memory-limit", default="2.5GB",
                         help="DuckDB memory limit (it spills beyond it); 'none' for DuckDB's default of 80%% of RAM")
     parser.add_argument("--child", choices=["duckdb", "pandas"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
