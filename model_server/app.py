@@ -24,6 +24,7 @@ class ModelServerConfig:
     poll_seconds: float = 1.0
     durable_decisions: bool = False
     lake_compact_interval_s: float = 2.0
+    batch_threads: int = 1
 
 
 @dataclass
@@ -37,7 +38,8 @@ class ModelServerParts:
 
 async def build(config: ModelServerConfig) -> ModelServerParts:
     """Load the repository once (so the server starts ready), open the decision log, wire services."""
-    repository = ModelRepository(config.repository, config.version_policy, config.poll_seconds)
+    repository = ModelRepository(config.repository, config.version_policy, config.poll_seconds,
+                                 config.batch_threads)
     await repository.refresh()
     if repository.generation == 0:
         repository.generation = 1  # scanned, even if empty: the server is ready to answer

@@ -28,8 +28,9 @@ def dense(x: np.ndarray) -> model_pb2.DenseRows:
     return model_pb2.DenseRows(data=x.tobytes(), rows=x.shape[0], cols=x.shape[1])
 
 
-def local(repo: Repo, model: str, version: str, feeds: dict[str, np.ndarray], output: str) -> np.ndarray:
-    session = ort.InferenceSession(str(repo.root / model / version / "model.onnx"), session_options())
+def local(repo: Repo, model: str, version: str, feeds: dict[str, np.ndarray], output: str,
+          threads: int = 1) -> np.ndarray:
+    session = ort.InferenceSession(str(repo.root / model / version / "model.onnx"), session_options(threads))
     return session.run([output], feeds)[0]
 
 
@@ -67,8 +68,13 @@ def test_score_ranks_candidates_with_shared_context(stub, model_repo: Repo) -> N
     response = stub.Score(model_pb2.ScoreRequest(model="ranker", context=dense(context),
                                                  candidates=dense(candidates)))
     full = np.hstack([np.repeat(context, 100, axis=0), candidates])
-    expected = local(model_repo, "ranker", "1", {"input": full}, "probabilities")[:, 1]
+    # The server fixture scores batches of >= BATCH_ROWS rows with two ONNX Runtime threads: the
+    # result is exactly a two-thread session's, and within float32 rounding of one thread's
+    # (the trees' contributions are summed in another order).
+    expected = local(model_repo, "ranker", "1", {"input": full}, "probabilities", threads=2)[:, 1]
     np.testing.assert_array_equal(np.array(response.scores, dtype=np.float32), expected)
+    single = local(model_repo, "ranker", "1", {"input": full}, "probabilities")[:, 1]
+    np.testing.assert_allclose(expected, single, rtol=1e-5, atol=1e-6)
     assert list(response.order) == list(np.argsort(-expected, kind="stable"))
     top = stub.Score(model_pb2.ScoreRequest(model="ranker", context=dense(context), candidates=dense(candidates),
                                             top_k=5))
