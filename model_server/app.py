@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass, field
@@ -12,6 +13,12 @@ from model_server.repository import ModelRepository, VersionPolicy
 from twofold.server import RunningServer, ServiceSetup
 
 log = logging.getLogger("twofold.model")
+
+
+def _warm_arrow() -> None:
+    import pyarrow as pa
+
+    pa.array([0.0])
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,10 @@ async def build(config: ModelServerConfig) -> ModelServerParts:
         writer = LakeWriter(root=os.fspath(config.lake), table="decisions",
                             compact_interval_s=config.lake_compact_interval_s)
         await writer.start()
+        # pyarrow imports pandas the first time it builds an array from Python objects (~0.2 s,
+        # mostly holding the GIL). Pay that now, before serving, not in the first compaction
+        # while Decide calls are answered.
+        await asyncio.to_thread(_warm_arrow)
         decisions = DecisionLog(writer, durable=config.durable_decisions)
 
     async def on_started(running: RunningServer) -> None:
