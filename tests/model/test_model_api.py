@@ -201,3 +201,27 @@ def test_metrics_per_model_version_and_bandit(stub, server: Server) -> None:
     assert 'le="2.5e-05"' in after  # sub-millisecond buckets from 25 µs
     assert metric(after, "twofold_model_loaded_versions", model="ranker") == 1
     assert "twofold_model_load_failures_total" in after or "twofold_model_load_failures" in after
+
+
+def test_server_made_decision_ids_are_unique_v4_uuids_also_across_forked_workers() -> None:
+    import os
+    import uuid
+
+    from model_server.service import new_decision_id
+
+    ids = [new_decision_id() for _ in range(100_000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids[:1000]:
+        parsed = uuid.UUID(hex=text)
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and parsed.hex == text
+    # --workers forks after import: each worker must draw its own ids, not replay the parent's.
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, new_decision_id().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert len(child) == 32 and child != new_decision_id()
