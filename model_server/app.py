@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass, field
@@ -14,6 +15,12 @@ from twofold.server import RunningServer, ServiceSetup
 log = logging.getLogger("twofold.model")
 
 
+def _warm_arrow() -> None:
+    import pyarrow as pa
+
+    pa.array([0.0])
+
+
 @dataclass(frozen=True)
 class ModelServerConfig:
     """What `twofold serve-model` is told besides the shared transport settings."""
@@ -24,6 +31,7 @@ class ModelServerConfig:
     poll_seconds: float = 1.0
     durable_decisions: bool = False
     lake_compact_interval_s: float = 2.0
+    batch_threads: int = 1
 
 
 @dataclass
@@ -37,7 +45,8 @@ class ModelServerParts:
 
 async def build(config: ModelServerConfig) -> ModelServerParts:
     """Load the repository once (so the server starts ready), open the decision log, wire services."""
-    repository = ModelRepository(config.repository, config.version_policy, config.poll_seconds)
+    repository = ModelRepository(config.repository, config.version_policy, config.poll_seconds,
+                                 config.batch_threads)
     await repository.refresh()
     if repository.generation == 0:
         repository.generation = 1  # scanned, even if empty: the server is ready to answer
@@ -48,6 +57,10 @@ async def build(config: ModelServerConfig) -> ModelServerParts:
         writer = LakeWriter(root=os.fspath(config.lake), table="decisions",
                             compact_interval_s=config.lake_compact_interval_s)
         await writer.start()
+        # pyarrow imports pandas the first time it builds an array from Python objects (~0.2 s,
+        # mostly holding the GIL). Pay that now, before serving, not in the first compaction
+        # while Decide calls are answered.
+        await asyncio.to_thread(_warm_arrow)
         decisions = DecisionLog(writer, durable=config.durable_decisions)
 
     async def on_started(running: RunningServer) -> None:

@@ -10,6 +10,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -40,7 +41,17 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
                    default=(env_default("durable_decisions", "") or "").lower() in {"1", "true", "yes"},
                    help="answer Decide only once its record is fsynced (adds the fsync to each call) "
                         "[TWOFOLD_DURABLE_DECISIONS]")
+    g.add_argument("--batch-threads", type=int, default=int(env_default("batch_threads", "0") or 0),
+                   help="ONNX Runtime threads for calls of 64 rows or more (Score); 0: 2 when a core per worker "
+                        "is left over, else 1 [TWOFOLD_BATCH_THREADS]")
     add_server_arguments(parser, default_port=DEFAULT_PORT)
+
+
+def batch_threads(args: argparse.Namespace) -> int:
+    """`--batch-threads`, or by default 2 when the machine has at least two cores per worker."""
+    if args.batch_threads > 0:
+        return int(args.batch_threads)
+    return 2 if (os.cpu_count() or 1) >= 2 * args.workers else 1
 
 
 def _serve_one(args: argparse.Namespace) -> int:
@@ -51,7 +62,7 @@ def _serve_one(args: argparse.Namespace) -> int:
     config = ModelServerConfig(
         repository=args.repository, lake=None if str(args.lake).lower() in ("", "none") else args.lake,
         version_policy=VersionPolicy.parse(args.version_policy), poll_seconds=args.poll_seconds,
-        durable_decisions=args.durable_decisions)
+        durable_decisions=args.durable_decisions, batch_threads=batch_threads(args))
 
     async def setup(_settings: ServerSettings) -> ServiceSetup:
         return (await build(config)).setup
@@ -67,6 +78,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         problems.append(f"--repository {args.repository} is not a folder")
     if args.workers < 1:
         problems.append("--workers must be at least 1")
+    if args.batch_threads < 0:
+        problems.append("--batch-threads must be 0 (automatic) or more")
     try:
         from model_server.version_policy import VersionPolicy
 
@@ -77,6 +90,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"twofold serve-model: {problem}", file=sys.stderr)
         return 2
+    args.batch_threads = batch_threads(args)  # before forking: workers see workers=1
     if args.workers == 1:
         return _serve_one(args)
     from model_server.workers import run_workers

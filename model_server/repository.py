@@ -72,8 +72,9 @@ class ModelRepository:
     """Loads, watches and serves the models under `root`."""
 
     def __init__(self, root: str | os.PathLike[str], default_policy: VersionPolicy | None = None,
-                 poll_seconds: float = 1.0) -> None:
+                 poll_seconds: float = 1.0, batch_threads: int = 1) -> None:
         self.root = Path(root)
+        self.batch_threads = batch_threads
         self.default_policy = default_policy or VersionPolicy()
         self.poll_seconds = poll_seconds
         self.snapshot = Snapshot()
@@ -118,7 +119,7 @@ class ModelRepository:
         manifest = read_manifest(path)
         if manifest.name != name:
             raise ManifestError(f"manifest names model {manifest.name!r} but it lives under {name!r}")
-        return LoadedModel(manifest, version, path)
+        return LoadedModel(manifest, version, path, self.batch_threads)
 
     def _scan_model(self, model_dir: Path, current: ServedModel | None) -> ServedModel | None:
         """Decide (in a worker thread) which versions of one model to serve, loading new ones."""

@@ -5,6 +5,11 @@ Tuning (measured in DESIGN.md): one intra-op and one inter-op thread, sequential
 and no spinning. A single row costs ~5 µs this way; thread pools and spin-waiting only add
 latency and steal the CPU the gRPC stack needs. Sessions are created and warmed up off the
 event loop by the repository, then swapped in by reference.
+
+Batches of `BATCH_ROWS` rows or more (Score's candidate lists) go to a second session with
+`batch_threads` intra-op threads when the server is given more than one: for 100 candidates of
+a 100-tree model, two threads cut ONNX Runtime's wall time by ~20 % (292 -> 233 µs on cold
+caches here) for ~15 % more CPU; below ~64 rows the thread hand-off eats the gain.
 """
 
 from __future__ import annotations
@@ -26,10 +31,13 @@ _ORT_TO_OIP = {"tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(int64)
                "tensor(int32)": "INT32", "tensor(bool)": "BOOL", "tensor(string)": "BYTES"}
 
 
-def session_options() -> ort.SessionOptions:
+BATCH_ROWS = 64
+
+
+def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
     """Options for lowest single-row latency on a shared CPU (see the module docstring)."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
+    options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -53,7 +61,7 @@ def rows_from_bytes(data: bytes, rows: int, cols: int, what: str) -> np.ndarray:
 class LoadedModel:
     """A version ready to serve. Immutable once built; dropped when no call references it."""
 
-    def __init__(self, manifest: Manifest, version: str, path: Path) -> None:
+    def __init__(self, manifest: Manifest, version: str, path: Path, batch_threads: int = 1) -> None:
         self.manifest = manifest
         self.name = manifest.name
         self.version = version
@@ -64,6 +72,11 @@ class LoadedModel:
         except Exception as exc:  # ORT raises its own exception types for every kind of broken file.
             raise ManifestError(f"ONNX Runtime cannot load {path / MODEL_FILE}: {exc}") from exc
         self._check_graph()
+        # Policies answer one row at a time (Decide); only scoring models get a batch session.
+        self.batch_session = self.session
+        if batch_threads > 1 and not manifest.is_policy:
+            self.batch_session = ort.InferenceSession(str(path / MODEL_FILE), session_options(batch_threads),
+                                                      providers=["CPUExecutionProvider"])
         self.width = len(manifest.feature_names)
         self.feature_index = {n: i for i, n in enumerate(manifest.feature_names)}
         self.input_name = manifest.input_name
@@ -107,6 +120,8 @@ class LoadedModel:
             self.decide(row, "warm-up")
         else:
             self.predict(row)
+            if self.batch_session is not self.session:
+                self.score(np.zeros((BATCH_ROWS, self.width), dtype=np.float32))
 
     # -- inputs ----------------------------------------------------------------------------------
     def dense(self, data: bytes, rows: int, cols: int, what: str = "dense") -> np.ndarray:
@@ -150,8 +165,9 @@ class LoadedModel:
     # -- running ---------------------------------------------------------------------------------
     def predict(self, x: np.ndarray) -> np.ndarray:
         """The score output as a `(rows, cols)` float32 array (binary classifiers: P(class 1))."""
-        out = self.session.run(self._score_output, {self.input_name: x} if not self.is_policy
-                               else self._policy_feeds(x, None))[0]
+        session = self.batch_session if x.shape[0] >= BATCH_ROWS else self.session
+        out = session.run(self._score_output, {self.input_name: x} if not self.is_policy
+                          else self._policy_feeds(x, None))[0]
         if not self._score_2d:
             return out.reshape(-1, 1).astype(np.float32, copy=False)
         if self._single_column:
@@ -161,7 +177,8 @@ class LoadedModel:
 
     def score(self, x: np.ndarray) -> np.ndarray:
         """One float32 score per row: the manifest's score column."""
-        out = self.session.run(self._score_output, {self.input_name: x})[0]
+        session = self.batch_session if x.shape[0] >= BATCH_ROWS else self.session
+        out = session.run(self._score_output, {self.input_name: x})[0]
         if not self._score_2d:
             return out.reshape(-1)
         return out[:, self.manifest.score_column]

@@ -9,8 +9,8 @@ status and a message saying what was wrong, and is counted by reason.
 from __future__ import annotations
 
 import logging
+import random
 import time
-import uuid
 
 import grpc
 import numpy as np
@@ -27,6 +27,20 @@ log = logging.getLogger("twofold.model.service")
 
 SERVICE_NAME = model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
 _perf = time.perf_counter
+# Version 4 and the RFC 4122 variant, as uuid.UUID(int=..., version=4) sets them.
+_UUID4_KEEP = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
+def new_decision_id() -> str:
+    """A random version-4 UUID as 32 hex digits, the shape `uuid.uuid4().hex` gives.
+
+    Drawn from `random` rather than `uuid.uuid4()`: the UUID object and the getrandom syscall
+    cost ~15 µs of a Decide's CPU on cold caches, this ~1 µs. The id needs uniqueness, not
+    secrecy (a client may send its own id, and the policy's randomness is a hash of it);
+    CPython reseeds `random` in every forked `--workers` process, so workers do not repeat ids.
+    """
+    return "%032x" % (random.getrandbits(128) & _UUID4_KEEP | _UUID4_SET)
 
 
 async def refuse(context: grpc.aio.ServicerContext, error: RequestError, model_name: str,
@@ -139,7 +153,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                 x = model.named(request.named.values)
             else:
                 raise invalid("Decide needs a `dense` or `named` context", "missing_input")
-            decision_id = request.decision_id or uuid.uuid4().hex
+            decision_id = request.decision_id or new_decision_id()
             metrics = model.metrics.methods["Decide"]
             t0 = _perf()
             scores, arm, propensity = model.decide(x, decision_id)

@@ -116,7 +116,8 @@ def start_model_server(loop: BackgroundLoop, repository: Path, lake: Path | None
 @pytest.fixture(scope="module")
 def server(loop: BackgroundLoop, model_repo: Repo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     lake = tmp_path_factory.mktemp("lake")
-    running = start_model_server(loop, model_repo.root, lake, poll_seconds=0)
+    # Two batch threads: Score (100 candidates) then runs on the multi-threaded batch session.
+    running = start_model_server(loop, model_repo.root, lake, poll_seconds=0, batch_threads=2)
     try:
         yield running
     finally:

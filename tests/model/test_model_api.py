@@ -28,8 +28,9 @@ def dense(x: np.ndarray) -> model_pb2.DenseRows:
     return model_pb2.DenseRows(data=x.tobytes(), rows=x.shape[0], cols=x.shape[1])
 
 
-def local(repo: Repo, model: str, version: str, feeds: dict[str, np.ndarray], output: str) -> np.ndarray:
-    session = ort.InferenceSession(str(repo.root / model / version / "model.onnx"), session_options())
+def local(repo: Repo, model: str, version: str, feeds: dict[str, np.ndarray], output: str,
+          threads: int = 1) -> np.ndarray:
+    session = ort.InferenceSession(str(repo.root / model / version / "model.onnx"), session_options(threads))
     return session.run([output], feeds)[0]
 
 
@@ -67,8 +68,13 @@ def test_score_ranks_candidates_with_shared_context(stub, model_repo: Repo) -> N
     response = stub.Score(model_pb2.ScoreRequest(model="ranker", context=dense(context),
                                                  candidates=dense(candidates)))
     full = np.hstack([np.repeat(context, 100, axis=0), candidates])
-    expected = local(model_repo, "ranker", "1", {"input": full}, "probabilities")[:, 1]
+    # The server fixture scores batches of >= BATCH_ROWS rows with two ONNX Runtime threads: the
+    # result is exactly a two-thread session's, and within float32 rounding of one thread's
+    # (the trees' contributions are summed in another order).
+    expected = local(model_repo, "ranker", "1", {"input": full}, "probabilities", threads=2)[:, 1]
     np.testing.assert_array_equal(np.array(response.scores, dtype=np.float32), expected)
+    single = local(model_repo, "ranker", "1", {"input": full}, "probabilities")[:, 1]
+    np.testing.assert_allclose(expected, single, rtol=1e-5, atol=1e-6)
     assert list(response.order) == list(np.argsort(-expected, kind="stable"))
     top = stub.Score(model_pb2.ScoreRequest(model="ranker", context=dense(context), candidates=dense(candidates),
                                             top_k=5))
@@ -195,3 +201,27 @@ def test_metrics_per_model_version_and_bandit(stub, server: Server) -> None:
     assert 'le="2.5e-05"' in after  # sub-millisecond buckets from 25 µs
     assert metric(after, "twofold_model_loaded_versions", model="ranker") == 1
     assert "twofold_model_load_failures_total" in after or "twofold_model_load_failures" in after
+
+
+def test_server_made_decision_ids_are_unique_v4_uuids_also_across_forked_workers() -> None:
+    import os
+    import uuid
+
+    from model_server.service import new_decision_id
+
+    ids = [new_decision_id() for _ in range(100_000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids[:1000]:
+        parsed = uuid.UUID(hex=text)
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and parsed.hex == text
+    # --workers forks after import: each worker must draw its own ids, not replay the parent's.
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, new_decision_id().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert len(child) == 32 and child != new_decision_id()

@@ -28,10 +28,23 @@ def test_serve_model_refuses_bad_arguments(tmp_path: Path) -> None:
     missing = twofold("serve-model", "--port", "0")
     assert missing.returncode == 2 and "--repository is required" in missing.stderr
     result = twofold("serve-model", "--repository", str(tmp_path / "nope"), "--workers", "0",
-                     "--version-policy", "newest")
+                     "--version-policy", "newest", "--batch-threads", "-1")
     assert result.returncode == 2
     assert "is not a folder" in result.stderr and "--workers must be at least 1" in result.stderr
     assert "version policy must be" in result.stderr
+    assert "--batch-threads must be 0 (automatic) or more" in result.stderr
+
+
+def test_batch_threads_default_leaves_a_core_per_worker() -> None:
+    import argparse
+    import os
+
+    from model_server.cli import batch_threads
+
+    cores = os.cpu_count() or 1
+    assert batch_threads(argparse.Namespace(batch_threads=3, workers=8)) == 3
+    assert batch_threads(argparse.Namespace(batch_threads=0, workers=1)) == (2 if cores >= 2 else 1)
+    assert batch_threads(argparse.Namespace(batch_threads=0, workers=cores)) == 1  # a worker per core: no spare
 
 
 def test_train_bandit_init_and_durable_decisions(tmp_path: Path) -> None:
