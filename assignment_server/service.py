@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 from prometheus_client import Counter
 
@@ -38,6 +38,7 @@ from assignment_server.tokens import InvalidTokenError, TokenAssignment, TokenCo
 from protos.twofold.assignment.v1 import assignment_pb2 as pb
 from protos.twofold.assignment.v1 import assignment_pb2_grpc as pb_grpc
 from twofold.lake import LakeWriter
+from twofold.structs import struct_to_dict
 
 log = logging.getLogger("twofold.assignment")
 
@@ -53,26 +54,6 @@ EVENTS = Counter("twofold_assignment_events", "Metric events received.", ["resul
 
 _REASONS = {r: getattr(pb, r.value) for r in Reason}
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
-def value_to_python(v: struct_pb2.Value) -> Any:
-    kind = v.WhichOneof("kind")
-    if kind == "string_value":
-        return v.string_value
-    if kind == "number_value":
-        return v.number_value
-    if kind == "bool_value":
-        return v.bool_value
-    if kind == "struct_value":
-        return struct_to_dict(v.struct_value)
-    if kind == "list_value":
-        return [value_to_python(x) for x in v.list_value.values]
-    return None
-
-
-def struct_to_dict(s: struct_pb2.Struct) -> dict[str, Any]:
-    """Struct to plain dict (much faster than json_format.MessageToDict on the hot path)."""
-    return {k: value_to_python(v) for k, v in s.fields.items()}
 
 
 def _micros(ts: timestamp_pb2.Timestamp) -> int:

@@ -15,27 +15,10 @@ import numpy as np
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from protos.twofold.model.v1 import model_pb2
+from twofold.structs import struct_to_dict
 
-
-def value_to_python(value: struct_pb2.Value) -> Any:
-    """A protobuf `Value` as plain Python (numbers come back as float, as JSON has them)."""
-    kind = value.WhichOneof("kind")
-    if kind == "struct_value":
-        return struct_to_python(value.struct_value)
-    if kind == "list_value":
-        return [value_to_python(v) for v in value.list_value.values]
-    if kind == "string_value":
-        return value.string_value
-    if kind == "number_value":
-        return value.number_value
-    if kind == "bool_value":
-        return value.bool_value
-    return None
-
-
-def struct_to_python(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """A protobuf `Struct` as a plain dict."""
-    return {key: value_to_python(v) for key, v in struct.fields.items()}
+struct_to_python = struct_to_dict
+"""A protobuf `Struct` as a plain dict (see `twofold.structs`)."""
 
 
 def python_to_struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
