@@ -20,7 +20,7 @@ import grpc
 
 from client_sdk import systems
 from client_sdk.channels import ChannelPool, aio_pool
-from client_sdk.core import ClientCore, ClientStats, flag_name
+from client_sdk.core import ClientCore, ClientSurface, flag_name
 from client_sdk.errors import TwofoldError
 from client_sdk.local import Backoff, LocalState, watch_request
 from client_sdk.options import ClientOptions
@@ -33,7 +33,7 @@ from protos.twofold.model.v1 import model_pb2, model_pb2_grpc
 log = logging.getLogger("twofold.sdk")
 
 
-class AsyncClient:
+class AsyncClient(ClientSurface):
     """A Twofold client for asyncio code; same API as `Client`, with coroutines."""
 
     def __init__(self, assignment: str | None = None, model: str | None = None, client_secret: str = "",
@@ -61,18 +61,6 @@ class AsyncClient:
             atexit.register(self._atexit)
 
     # ---- public API ----------------------------------------------------------------------
-
-    @property
-    def stats(self) -> ClientStats:
-        return self._core.stats
-
-    @property
-    def state_generation(self) -> int:
-        return self._local.generation if self._local else 0
-
-    def register_system(self, name: str, fn: systems.SystemFn) -> None:
-        """Serve arms naming `name` with `fn(SystemCall)`; `fn` may be a coroutine function."""
-        self._core.systems.register(name, fn)
 
     async def wait_for_state(self, within: float | None = None) -> bool:
         """Local evaluation: wait up to `within` seconds for the first snapshot; True when it arrived."""

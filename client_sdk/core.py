@@ -26,7 +26,7 @@ from client_sdk.errors import TwofoldError
 from client_sdk.local import LocalState
 from client_sdk.options import ClientOptions
 from client_sdk.results import ErrorCode, FlagResult, Reason
-from client_sdk.systems import SystemRegistry
+from client_sdk.systems import SystemFn, SystemRegistry
 from protos.twofold.assignment.v1 import assignment_pb2 as apb
 from twofold import __version__
 
@@ -484,3 +484,28 @@ def classify(exc: BaseException, what: str) -> tuple[ErrorCode, str, bool]:
     if isinstance(exc, (TypeError, ValueError)):
         return ErrorCode.INVALID_CONTEXT, f"invalid evaluation context: {exc}", False
     return ErrorCode.GENERAL, f"{what}: {type(exc).__name__}: {exc}", False
+
+
+class ClientSurface:
+    """The part of the public API that the sync and asyncio clients share word for word.
+
+    Both keep a `ClientCore` in `_core` and, with local evaluation, a `LocalState` in `_local`.
+    """
+
+    _core: ClientCore
+    _local: LocalState | None
+
+    @property
+    def stats(self) -> ClientStats:
+        """Counters of what this client did (resolves, stale answers, exposures and events sent, ...)."""
+        return self._core.stats
+
+    @property
+    def state_generation(self) -> int:
+        """The state generation local evaluation resolves with (0 before the first snapshot)."""
+        return self._local.generation if self._local else 0
+
+    def register_system(self, name: str, fn: SystemFn) -> None:
+        """Serve arms whose value names `name` with `fn(SystemCall)` (the asyncio client also
+        awaits a coroutine function); see client_sdk.systems."""
+        self._core.systems.register(name, fn)

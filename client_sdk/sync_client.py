@@ -19,7 +19,7 @@ import grpc
 
 from client_sdk import systems
 from client_sdk.channels import ChannelPool, sync_pool
-from client_sdk.core import ClientCore, ClientStats, flag_name
+from client_sdk.core import ClientCore, ClientSurface, flag_name
 from client_sdk.errors import TwofoldError
 from client_sdk.local import Backoff, LocalState, watch_request
 from client_sdk.options import ClientOptions
@@ -37,7 +37,7 @@ def make_options(options: ClientOptions | None, overrides: Mapping[str, Any]) ->
     return dataclasses.replace(base, **overrides) if overrides else base
 
 
-class Client:
+class Client(ClientSurface):
     """A Twofold client for blocking code.
 
     >>> client = Client(assignment="dns:///assignment:50051", model="dns:///model:50052",
@@ -83,20 +83,6 @@ class Client:
             atexit.register(self._atexit)
 
     # ---- public API ----------------------------------------------------------------------
-
-    @property
-    def stats(self) -> ClientStats:
-        """Counters of what this client did (resolves, stale answers, exposures and events sent, ...)."""
-        return self._core.stats
-
-    @property
-    def state_generation(self) -> int:
-        """The state generation local evaluation resolves with (0 before the first snapshot)."""
-        return self._local.generation if self._local else 0
-
-    def register_system(self, name: str, fn: systems.SystemFn) -> None:
-        """Serve arms whose value names `name` with `fn(SystemCall)`; see client_sdk.systems."""
-        self._core.systems.register(name, fn)
 
     def on_state_change(self, listener: Callable[[int], None]) -> None:
         """Local evaluation: call `listener(generation)` whenever a new flag state is swapped in."""
