@@ -1,12 +1,15 @@
 """Resolve tokens: what ApplyFlags needs later, sealed so a client can neither read nor alter it.
 
-A token is AES-256-GCM over a compact binary payload (resolve id, client, issue time, and per
-flag the unit, rule, segment, variant and assignment id, as length-prefixed UTF-8 strings) with a
-fixed associated-data label: `b"\\x02" | nonce | ciphertext+tag`. Any change to a byte fails
-authentication. A nonce is 8 random bytes drawn per codec (process) followed by a 4-byte
-counter, re-drawn when the counter wraps: never repeated within a process, and across processes
-sharing a key only if two draws of 64 random bits collide (cheaper on the hot path than a system
-call per token). The key comes from `--token-key` / `TWOFOLD_TOKEN_KEY` (base64 of 32 bytes) or
+A token is AES-256-GCM over a compact binary payload (resolve id, issue time, client, and per
+flag the unit, rule, segment, variant and assignment id, each a UTF-8 string behind its 16-bit
+length) with a fixed associated-data label: `b"\\x03" | nonce | ciphertext+tag`. Fields that
+repeat across tokens (client, flag, rule, segment, variant) are packed once and cached, since
+sealing runs on every resolve. Any change to a byte fails authentication.
+
+A nonce is 8 random bytes drawn per codec (process) followed by a 4-byte counter, re-drawn
+when the counter wraps: never repeated within a process, and across processes sharing a key
+only if two draws of 64 random bits collide (cheaper on the hot path than a system call per
+token). The key comes from `--token-key` / `TWOFOLD_TOKEN_KEY` (base64 of 32 bytes) or
 `--token-key-file`; when none is configured a random key is generated at startup, which is
 fine for one replica but means tokens do not survive a restart or work across replicas.
 """
@@ -14,9 +17,9 @@ fine for one replica but means tokens do not survive a restart or work across re
 from __future__ import annotations
 
 import base64
+import functools
 import itertools
 import os
-import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -25,7 +28,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-_VERSION = b"\x02"
+_VERSION = b"\x03"
 _AAD = b"twofold.assignment.v1.resolve-token"
 _NONCE = 12
 
@@ -70,23 +73,29 @@ def load_key(key: str | None = None, key_file: str | None = None) -> tuple[bytes
     return raw, origin
 
 
-def _pack(parts: list[str]) -> bytes:
-    """`count | length of each part | parts`, big-endian 16-bit counts and lengths."""
-    data = [part.encode() for part in parts]
-    lengths = [len(d) for d in data]
-    if len(data) > 0xFFFF or max(lengths, default=0) > 0xFFFF:
+def _part(text: str) -> bytes:
+    """One field: its UTF-8 length as a big-endian 16-bit number, then the bytes."""
+    data = text.encode()
+    if len(data) > 0xFFFF:
         raise ValueError("token field too long")
-    return struct.pack(f">H{len(data)}H", len(data), *lengths) + b"".join(data)
+    return len(data).to_bytes(2, "big") + data
+
+
+@functools.lru_cache(maxsize=65_536)
+def _packed(*parts: str) -> bytes:
+    """Fields that repeat across tokens (client, flag, rule, segment, variant), packed once."""
+    return b"".join(_part(p) for p in parts)
 
 
 def _unpack(payload: bytes) -> list[str]:
-    (count,) = struct.unpack_from(">H", payload)
-    lengths = struct.unpack_from(f">{count}H", payload, 2)
-    offset = 2 + 2 * count
-    if offset + sum(lengths) != len(payload):
-        raise ValueError("token fields do not add up")
-    parts = []
-    for n in lengths:
+    parts, offset, end = [], 0, len(payload)
+    while offset < end:
+        if offset + 2 > end:
+            raise ValueError("token fields do not add up")
+        n = int.from_bytes(payload[offset:offset + 2], "big")
+        offset += 2
+        if offset + n > end:
+            raise ValueError("token fields do not add up")
         parts.append(payload[offset:offset + n].decode())
         offset += n
     return parts
@@ -96,35 +105,38 @@ class TokenCodec:
     def __init__(self, key: bytes) -> None:
         self._aead = AESGCM(key)
         self._lock = threading.Lock()
-        self._new_prefix()
-
-    def _new_prefix(self) -> None:
         self._prefix = os.urandom(8)
         self._counter = itertools.count()
 
     def _nonce(self) -> bytes:
-        with self._lock:
-            n = next(self._counter)
-            if n > 0xFFFFFFFF:
-                self._new_prefix()
-                n = next(self._counter)
-            return self._prefix + n.to_bytes(4, "big")
+        # next() on itertools.count is atomic under the GIL, so the common case takes no lock.
+        n = next(self._counter)
+        prefix = self._prefix
+        if n > 0xFFFFFFFF:
+            with self._lock:
+                if self._prefix is prefix:  # the first thread past the end draws the next prefix
+                    self._prefix, self._counter = os.urandom(8), itertools.count()
+                prefix, n = self._prefix, next(self._counter)
+        return prefix + n.to_bytes(4, "big")
 
     def seal(self, token: ResolveToken) -> bytes:
-        parts = [token.resolve_id, token.client, repr(round(token.issued_at, 3)), str(len(token.assignments))]
-        for flag, items in token.assignments.items():
-            parts += [flag, str(len(items))]
+        assignments = token.assignments
+        out = [_part(token.resolve_id), _part(repr(round(token.issued_at, 3))),
+               _packed(token.client, str(len(assignments)))]
+        for flag, items in assignments.items():
+            out.append(_packed(flag, str(len(items))))
             for a in items:
-                parts += [a.unit, a.rule, a.segment, a.variant, a.assignment_id]
+                out.append(_part(a.unit))
+                out.append(_packed(a.rule, a.segment, a.variant, a.assignment_id))
         nonce = self._nonce()
-        return _VERSION + nonce + self._aead.encrypt(nonce, _pack(parts), _AAD)
+        return _VERSION + nonce + self._aead.encrypt(nonce, b"".join(out), _AAD)
 
     def open(self, data: bytes) -> ResolveToken:
         if len(data) < 1 + _NONCE + 16 or data[:1] != _VERSION:
             raise InvalidTokenError("malformed resolve token")
         try:
             parts = _unpack(self._aead.decrypt(data[1:1 + _NONCE], data[1 + _NONCE:], _AAD))
-            resolve_id, client, issued, count = parts[0], parts[1], float(parts[2]), int(parts[3])
+            resolve_id, issued, client, count = parts[0], float(parts[1]), parts[2], int(parts[3])
             i, assignments = 4, {}
             for _ in range(count):
                 flag, n = parts[i], int(parts[i + 1])
@@ -136,7 +148,7 @@ class TokenCodec:
             return ResolveToken(resolve_id, client, issued, assignments)
         except InvalidTag as exc:
             raise InvalidTokenError("resolve token was not issued by this server or was altered") from exc
-        except (ValueError, IndexError, TypeError, UnicodeDecodeError, struct.error) as exc:
+        except (ValueError, IndexError, TypeError, UnicodeDecodeError) as exc:
             raise InvalidTokenError("malformed resolve token") from exc
 
 

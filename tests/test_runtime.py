@@ -253,6 +253,22 @@ def test_settings_come_from_environment_and_flags_win(tmp_path: Path) -> None:
         assert proc.wait(timeout=15) == 0
 
 
+@pytest.mark.parametrize(("choice", "module"), [("auto", "uvloop"), ("asyncio", "asyncio.unix_events")])
+def test_event_loop_choice_is_the_loop_that_serves(tmp_path: Path, choice: str, module: str) -> None:
+    """uvloop by default (it is a dependency), the standard loop on request; both serve and drain."""
+    proc, info = _spawn_echo(tmp_path, "--event-loop", choice)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{info['port']}") as channel:
+            reply = echo_pb2_grpc.EchoServiceStub(channel).Echo(echo_pb2.EchoRequest(payload=b"hi"), timeout=5)
+            assert reply.payload == b"hi"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    logs = [json.loads(line) for line in proc.stderr.read().decode().splitlines() if line.startswith("{")]
+    started = next(entry for entry in logs if entry["msg"] == "grpc server started")
+    assert started["event_loop"] == module
+
+
 def test_bad_settings_are_refused_with_a_message(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "twofold", "serve-echo", "--port", "0", "--tls-cert", str(tmp_path / "c.pem")],

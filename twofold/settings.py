@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ENV_PREFIX = "TWOFOLD_"
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
 def env_default(name: str, default: str | None) -> str | None:
@@ -53,6 +54,8 @@ class ServerSettings:
     tls: TlsSettings | None = None
     log_level: str = "info"
     log_format: str = "json"
+    # "auto" runs on uvloop where it is installed (it is a dependency on Linux and macOS).
+    event_loop: str = "auto"
     extra_options: tuple[tuple[str, int | str], ...] = field(default_factory=tuple)
 
     @property
@@ -97,6 +100,9 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
                    choices=["debug", "info", "warning", "error"], help="[TWOFOLD_LOG_LEVEL]")
     g.add_argument("--log-format", default=env_default("log_format", "json"), choices=["json", "text"],
                    help="[TWOFOLD_LOG_FORMAT]")
+    g.add_argument("--event-loop", default=env_default("event_loop", "auto"), choices=list(EVENT_LOOPS),
+                   help="asyncio event loop: uvloop (libuv, less CPU per call), the standard one, or "
+                        "auto = uvloop where it is installed [TWOFOLD_EVENT_LOOP]")
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -123,4 +129,5 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         tls=tls,
         log_level=args.log_level,
         log_format=args.log_format,
+        event_loop=getattr(args, "event_loop", "auto"),
     )

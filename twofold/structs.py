@@ -30,4 +30,5 @@ def value_to_python(value: struct_pb2.Value) -> Any:
 
 def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
     """A protobuf `Struct` as a plain dict."""
-    return {key: value_to_python(v) for key, v in struct.fields.items()}
+    fields = struct.fields  # iterating keys stays in C; `.items()` is a Python-level view
+    return {key: value_to_python(fields[key]) for key in fields}
