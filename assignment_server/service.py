@@ -37,6 +37,7 @@ from assignment_server.state_source import Served, StateSource
 from assignment_server.tokens import InvalidTokenError, TokenAssignment, TokenCodec, new_token
 from protos.twofold.assignment.v1 import assignment_pb2 as pb
 from protos.twofold.assignment.v1 import assignment_pb2_grpc as pb_grpc
+from twofold import loop_metrics
 from twofold.lake import LakeWriter
 from twofold.structs import struct_to_dict
 
@@ -48,7 +49,7 @@ MAX_APPLIES_PER_CALL = 10_000
 MAX_ID_LENGTH = 256
 WATCH_HEARTBEAT_SECONDS = 30.0
 
-RESOLVES = Counter("twofold_assignment_resolves", "Resolved flags.", ["flag", "variant", "reason"])
+RESOLVES = loop_metrics.counter("twofold_assignment_resolves", "Resolved flags.", ["flag", "variant", "reason"])
 APPLIES = Counter("twofold_assignment_applies", "Exposures received.", ["result"])
 EVENTS = Counter("twofold_assignment_events", "Metric events received.", ["result"])
 

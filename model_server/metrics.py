@@ -1,7 +1,8 @@
 """The model server's Prometheus metrics (names fixed by docs/metrics.md).
 
 Children are bound once per loaded version (`VersionMetrics`), so a call pays for counter
-increments and one histogram observation, not for label lookups. Gauges declare how to
+increments and histogram observations, not for label lookups; those on the request path are
+`twofold.loop_metrics` (plain numbers read at scrape time) except under `--workers`. Gauges declare how to
 combine values across `--workers` processes (prometheus_client multiprocess mode).
 """
 
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge
+
+from twofold import loop_metrics
 
 # From 25 µs: ONNX Runtime scores a row in ~5 µs, a batch of 100 in well under a millisecond.
 MODEL_LATENCY_BUCKETS = (
@@ -18,18 +21,19 @@ MODEL_LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 PROPENSITY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
-REQUESTS = Counter("twofold_model_requests", "Predict / Score / Decide / ModelInfer calls.",
+REQUESTS = loop_metrics.counter("twofold_model_requests", "Predict / Score / Decide / ModelInfer calls.",
                    ("model", "version", "method"))
 FAILURES = Counter("twofold_model_failures", "Failed calls by reason.", ("model", "version", "reason"))
-LATENCY = Histogram("twofold_model_latency_seconds", "Time inside the model, per call.",
-                    ("model", "version", "method"), buckets=MODEL_LATENCY_BUCKETS)
-BATCH_SIZE = Histogram("twofold_model_batch_size", "Rows per call.", ("model", "method"), buckets=BATCH_BUCKETS)
+LATENCY = loop_metrics.histogram("twofold_model_latency_seconds", "Time inside the model, per call.",
+                                 ("model", "version", "method"), buckets=MODEL_LATENCY_BUCKETS)
+BATCH_SIZE = loop_metrics.histogram("twofold_model_batch_size", "Rows per call.", ("model", "method"),
+                                    buckets=BATCH_BUCKETS)
 LOADED_VERSIONS = Gauge("twofold_model_loaded_versions", "Versions loaded and serving.", ("model",),
                         multiprocess_mode="livemax")
 LOAD_FAILURES = Counter("twofold_model_load_failures", "Refused or broken versions.", ("model",))
-DECISIONS = Counter("twofold_bandit_decisions", "Decisions per arm.", ("model", "version", "arm"))
-PROPENSITY = Histogram("twofold_bandit_propensity", "Propensity of the chosen arm.", ("model",),
-                       buckets=PROPENSITY_BUCKETS)
+DECISIONS = loop_metrics.counter("twofold_bandit_decisions", "Decisions per arm.", ("model", "version", "arm"))
+PROPENSITY = loop_metrics.histogram("twofold_bandit_propensity", "Propensity of the chosen arm.", ("model",),
+                                    buckets=PROPENSITY_BUCKETS)
 
 METHODS = ("Predict", "Score", "Decide", "ModelInfer")
 
@@ -38,9 +42,9 @@ METHODS = ("Predict", "Score", "Decide", "ModelInfer")
 class MethodMetrics:
     """Pre-bound children for one (model, version, method)."""
 
-    requests: Counter
-    latency: Histogram
-    batch: Histogram
+    requests: loop_metrics.CounterChild
+    latency: loop_metrics.HistogramChild
+    batch: loop_metrics.HistogramChild
 
 
 class VersionMetrics:
