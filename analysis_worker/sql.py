@@ -110,6 +110,17 @@ class _Windows:
         """The per-unit columns of `assigned` besides first_ts: first_ts +/- each offset."""
         return [f"first_ts {'+' if o > 0 else '-'} {_interval(abs(o))} AS {_bound(o)[2:]}" for o in self.offsets if o]
 
+    def earliest(self, start: dt.datetime) -> list[str]:
+        """Conditions on the events table alone: no unit is exposed before `start`, so an event of a
+        name without a covariate window (or with a short one) before start + its lower offset counts
+        nowhere, whoever its unit is. Dropping those before the join saves probing for them."""
+        conditions = []
+        for lo in sorted(set(self.lower.values()))[1:]:
+            earlier = tuple(name for name, code in self.codes.items() if self.lower[code] < lo)
+            since = timestamp(start + dt.timedelta(seconds=lo))
+            conditions.append(f"(ts >= {since} OR name IN ({_names(earlier)}))")
+        return conditions
+
     def relevant(self) -> str:
         """An event's time is within the union of the windows its name is measured in."""
         return f"e.ts >= {self._per_code(self.lower)} AND e.ts < {self._per_code(self.upper)}"
@@ -155,7 +166,7 @@ def _window_value(measure: EventMeasure, windows: _Windows, lo: int, hi: int, bi
     if binary:
         return f"MAX(CASE WHEN {cond} THEN 1 ELSE 0 END)"
     if measure.aggregate == "count":
-        return f"SUM(CASE WHEN {cond} THEN 1 ELSE 0 END)"
+        return f"COUNT(CASE WHEN {cond} THEN 1 END)"
     return f"SUM(CASE WHEN {cond} THEN value ELSE 0 END)"
 
 
@@ -216,6 +227,7 @@ def build_query(experiment: ExperimentConfig) -> str:
     codes = _codes(experiment)
     code_case = " ".join(f"WHEN {quote(name)} THEN {code}" for name, code in codes.items())
     windows = _Windows(experiment, codes)
+    event_where += windows.earliest(experiment.start)
     per_unit_cols = [c for i, m in enumerate(experiment.metrics) for c in _metric_columns(i, m, windows)]
     # Window ends and covariate starts, computed once per unit rather than once per event.
     bounds = windows.bounds()
