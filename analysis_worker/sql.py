@@ -8,21 +8,29 @@ one machine (their output feeds `twofold stats`).
 What the query does, in order:
 
 1. Exposures of the experiment's flag (and rule) within [start, end); each spelling of a variant
-   (`flags/<flag>/variants/<v>` or `<v>`) maps to the short name, anything else to `__unknown__`.
-2. Per unit: the first exposure time and the set of variants seen. Units seen in more than one
-   variant, or only in an unknown one, are excluded and counted (the last UNION ALL branch).
-   Exposures need no deduplication here: a duplicated exposure changes neither the minimum time
-   nor the set of variants.
-3. Events of the metrics' names, deduplicated by `event_id` (a retried event counts once).
-4. Per unit and metric: the value within the metric's window after the first exposure (binary:
+   (`flags/<flag>/variants/<v>` or `<v>`) maps to a small integer, anything else to -1.
+2. Per unit: the first exposure time and the lowest and highest variant seen. Units seen in more
+   than one variant (lowest <> highest), or only in an unknown one, are excluded and counted (the
+   last UNION ALL branch). Exposures need no deduplication here: a duplicated exposure changes
+   neither the minimum time nor the set of variants. Each unit's window bounds (first exposure
+   plus or minus each window length) are computed here, once per unit.
+3. Events of the metrics' names, joined to their unit's first exposure, keeping only those within
+   the windows their name is measured in (see `_Windows`): about half of all events in a typical
+   lake, as the rest are outside every window (or before exposure, for names without a covariate).
+4. Those events deduplicated by `event_id`: each id counts at most once. Dropping the events
+   outside every window first changes nothing when an id's copies are identical; when they
+   differ (a retry stamped with a later receive time, a client reusing ids), the copy counted is
+   one of those within a window (ANY_VALUE: which one is unspecified, as with any dedup by id).
+5. Per unit and metric: the value within the metric's window after the first exposure (binary:
    any event; count: number of events; sum: sum of values, a bare event counting 0), the
-   denominator for ratios and the CUPED covariate (the same value in a window before exposure).
-   For speed, event names become small integer codes before deduplication and each unit's window
-   bounds are computed once, so the per-event work is integer and timestamp comparisons.
-5. Optional capping at a fixed value or at a percentile over all units of the experiment
+   denominator for ratios and the CUPED covariate (the same value in a window before exposure);
+   units without any such event get zeros (the LEFT JOIN). Event names are small integer codes
+   and each event carries the number of the zone between window bounds it falls in, so the
+   per-event work in the aggregation is integer comparisons.
+6. Optional capping at a fixed value or at a percentile over all units of the experiment
    (`PERCENTILE_CONT ... WITHIN GROUP`: exact on DuckDB and BigQuery; sqlglot maps it to
    PERCENTILE_APPROX on Spark and APPROX_PERCENTILE on Trino, so caps there are approximate).
-6. Per variant and first-exposure day: n, sums, sums of squares and cross products, so daily
+7. Per variant and first-exposure day: n, sums, sums of squares and cross products, so daily
    cumulative looks can be summed up without re-reading the lake.
 """
 
@@ -62,36 +70,115 @@ def _codes(experiment: ExperimentConfig) -> dict[str, int]:
     return {name: i + 1 for i, name in enumerate(names)}
 
 
-def _window_value(measure: EventMeasure, codes: dict[str, int], lower: str, upper: str, binary: bool) -> str:
-    """Per-unit aggregate of the events of `measure` with lower <= ts < upper."""
-    wanted = [codes[e] for e in measure.events]
-    match = f"e.code = {wanted[0]}" if len(wanted) == 1 else f"e.code IN ({', '.join(map(str, wanted))})"
-    cond = f"{match} AND e.ts >= {lower} AND e.ts < {upper}"
+def _bound(offset: int) -> str:
+    """The column of `assigned` holding first exposure + `offset` seconds."""
+    if offset == 0:
+        return "a.first_ts"
+    return f"a.after_{offset}" if offset > 0 else f"a.before_{-offset}"
+
+
+class _Windows:
+    """Where each event falls relative to its unit's first exposure, in as few per-event operations as possible.
+
+    Every window of the experiment is [first + lo, first + hi) for offsets lo < hi (a metric's window:
+    lo = 0, hi = its length; a CUPED covariate: lo = -its length, hi = 0). The sorted distinct offsets
+    cut time into zones; zone z (1-based) is [first + offsets[z-1], first + offsets[z]), so every
+    window is a range of zones. For each event name, the union of the windows it is measured in is one
+    interval (after-exposure windows all start at 0, covariate windows all end at 0): an event outside
+    its name's interval counts nowhere and is dropped before deduplication.
+    """
+
+    def __init__(self, experiment: ExperimentConfig, codes: dict[str, int]) -> None:
+        offsets = {0}
+        self.lower = dict.fromkeys(codes.values(), 0)
+        self.upper = dict.fromkeys(codes.values(), 0)
+        for metric in experiment.metrics:
+            offsets.add(metric.window_seconds)
+            for name in metric.event_names:
+                self.upper[codes[name]] = max(self.upper[codes[name]], metric.window_seconds)
+            if metric.cuped_window_seconds is not None:
+                offsets.add(-metric.cuped_window_seconds)
+                for name in metric.measure.events:
+                    self.lower[codes[name]] = min(self.lower[codes[name]], -metric.cuped_window_seconds)
+        self.offsets = sorted(offsets)
+        self.codes = codes
+
+    def zone(self, offset: int) -> int:
+        return self.offsets.index(offset) + 1
+
+    def bounds(self) -> list[str]:
+        """The per-unit columns of `assigned` besides first_ts: first_ts +/- each offset."""
+        return [f"first_ts {'+' if o > 0 else '-'} {_interval(abs(o))} AS {_bound(o)[2:]}" for o in self.offsets if o]
+
+    def earliest(self, start: dt.datetime) -> list[str]:
+        """Conditions on the events table alone: no unit is exposed before `start`, so an event of a
+        name without a covariate window (or with a short one) before start + its lower offset counts
+        nowhere, whoever its unit is. Dropping those before the join saves probing for them."""
+        conditions = []
+        for lo in sorted(set(self.lower.values()))[1:]:
+            earlier = tuple(name for name, code in self.codes.items() if self.lower[code] < lo)
+            since = timestamp(start + dt.timedelta(seconds=lo))
+            conditions.append(f"(ts >= {since} OR name IN ({_names(earlier)}))")
+        return conditions
+
+    def relevant(self) -> str:
+        """An event's time is within the union of the windows its name is measured in."""
+        return f"e.ts >= {self._per_code(self.lower)} AND e.ts < {self._per_code(self.upper)}"
+
+    def _per_code(self, offsets: dict[int, int]) -> str:
+        common = max(set(offsets.values()), key=list(offsets.values()).count)
+        cases = " ".join(f"WHEN {code} THEN {_bound(o)}" for code, o in offsets.items() if o != common)
+        return f"CASE e.code {cases} ELSE {_bound(common)} END" if cases else _bound(common)
+
+    @property
+    def zoned(self) -> bool:
+        """Whether events need a zone at all (with a single window and no covariate, the name says it all)."""
+        return len(self.offsets) > 2
+
+    def zone_expression(self) -> str:
+        """The zone of a relevant event (after the relevance filter: 1 .. len(offsets) - 1)."""
+        cases = " ".join(f"WHEN e.ts >= {_bound(self.offsets[z - 1])} THEN {z}"
+                         for z in range(len(self.offsets) - 1, 1, -1))
+        return f"CASE {cases} ELSE 1 END"
+
+    def condition(self, events: tuple[str, ...], lo: int, hi: int) -> str:
+        """An (already deduplicated, relevant) event of one of `events` within [first + lo, first + hi)."""
+        by_zones: dict[tuple[int | None, int | None], list[int]] = {}
+        for name in events:
+            code = self.codes[name]
+            zl = self.zone(lo) if self.zone(lo) > self.zone(self.lower[code]) else None
+            zh = self.zone(hi) if self.zone(hi) < self.zone(self.upper[code]) else None
+            by_zones.setdefault((zl, zh), []).append(code)
+        terms = []
+        for (zl, zh), wanted in by_zones.items():
+            parts = [f"code = {wanted[0]}" if len(wanted) == 1 else f"code IN ({', '.join(map(str, wanted))})"]
+            if zl is not None:
+                parts.append(f"zone >= {zl}")
+            if zh is not None:
+                parts.append(f"zone < {zh}")
+            terms.append(" AND ".join(parts))
+        return terms[0] if len(terms) == 1 else " OR ".join(f"({t})" for t in terms)
+
+
+def _window_value(measure: EventMeasure, windows: _Windows, lo: int, hi: int, binary: bool) -> str:
+    """Per-unit aggregate of the deduplicated events of `measure` within [first + lo, first + hi)."""
+    cond = windows.condition(measure.events, lo, hi)
     if binary:
         return f"MAX(CASE WHEN {cond} THEN 1 ELSE 0 END)"
     if measure.aggregate == "count":
-        return f"SUM(CASE WHEN {cond} THEN 1 ELSE 0 END)"
-    return f"SUM(CASE WHEN {cond} THEN e.value ELSE 0 END)"
+        return f"COUNT(CASE WHEN {cond} THEN 1 END)"
+    return f"SUM(CASE WHEN {cond} THEN value ELSE 0 END)"
 
 
-def _after(seconds: int) -> str:
-    return f"a.after_{int(seconds)}"
-
-
-def _before(seconds: int) -> str:
-    return f"a.before_{int(seconds)}"
-
-
-def _metric_columns(i: int, metric: MetricConfig, codes: dict[str, int]) -> list[str]:
+def _metric_columns(i: int, metric: MetricConfig, windows: _Windows) -> list[str]:
     binary = metric.kind == "binary"
-    after = _after(metric.window_seconds)
-    cols = [f"CAST({_window_value(metric.measure, codes, 'a.first_ts', after, binary)} AS DOUBLE) AS m{i}"]
+    w = metric.window_seconds
+    cols = [f"CAST({_window_value(metric.measure, windows, 0, w, binary)} AS DOUBLE) AS m{i}"]
     if metric.denominator is not None:
-        cols.append(f"CAST({_window_value(metric.denominator, codes, 'a.first_ts', after, False)} AS DOUBLE) "
-                    f"AS d{i}")
+        cols.append(f"CAST({_window_value(metric.denominator, windows, 0, w, False)} AS DOUBLE) AS d{i}")
     if metric.cuped_window_seconds is not None:
-        before = _before(metric.cuped_window_seconds)
-        cols.append(f"CAST({_window_value(metric.measure, codes, before, 'a.first_ts', binary)} AS DOUBLE) AS c{i}")
+        c = metric.cuped_window_seconds
+        cols.append(f"CAST({_window_value(metric.measure, windows, -c, 0, binary)} AS DOUBLE) AS c{i}")
     return cols
 
 
@@ -121,8 +208,11 @@ def stat_columns(experiment: ExperimentConfig) -> list[str]:
 
 def build_query(experiment: ExperimentConfig) -> str:
     """The sufficient-statistics query (DuckDB dialect) over tables `exposures` and `events`."""
+    short_names = list(experiment.split)
     names = experiment.exposure_names()
-    mapping = " ".join(f"WHEN {quote(full)} THEN {quote(short)}" for full, short in names.items())
+    # Variants as small integers (-1: not in the definition) while grouping 10M exposures by unit.
+    mapping = " ".join(f"WHEN {quote(full)} THEN {short_names.index(short)}" for full, short in names.items())
+    unmap = " ".join(f"WHEN {i} THEN {quote(short)}" for i, short in enumerate(short_names))
     where = [f"flag IN ({_names(experiment.flag_names())})", f"ts >= {timestamp(experiment.start)}"]
     if experiment.rule:
         where.append(f"rule IN ({_names(experiment.rule_names())})")
@@ -136,12 +226,11 @@ def build_query(experiment: ExperimentConfig) -> str:
         event_where.append(f"ts < {timestamp(experiment.end)}")
     codes = _codes(experiment)
     code_case = " ".join(f"WHEN {quote(name)} THEN {code}" for name, code in codes.items())
-    per_unit_cols = [c for i, m in enumerate(experiment.metrics) for c in _metric_columns(i, m, codes)]
+    windows = _Windows(experiment, codes)
+    event_where += windows.earliest(experiment.start)
+    per_unit_cols = [c for i, m in enumerate(experiment.metrics) for c in _metric_columns(i, m, windows)]
     # Window ends and covariate starts, computed once per unit rather than once per event.
-    bounds = [f"first_ts + {_interval(w)} AS after_{w}"
-              for w in sorted({m.window_seconds for m in experiment.metrics})]
-    bounds += [f"first_ts - {_interval(w)} AS before_{w}"
-               for w in sorted({m.cuped_window_seconds for m in experiment.metrics if m.cuped_window_seconds})]
+    bounds = windows.bounds()
 
     cap_exprs: list[str] = []
     capped_cols: list[str] = []
@@ -175,35 +264,49 @@ def build_query(experiment: ExperimentConfig) -> str:
     if cap_exprs:
         caps_cte = f",\ncaps AS (\n  SELECT {', '.join(cap_exprs)} FROM per_unit\n)"
         capped_from = "per_unit CROSS JOIN caps"
+    zone = f", {windows.zone_expression()} AS zone" if windows.zoned else ""
+    zeros = [f"COALESCE(p.{c}, 0) AS {c}" for c in value_columns(experiment)]
     nl = ",\n    "
     return f"""WITH exposed AS (
-  SELECT unit, ts, CASE variant {mapping} ELSE {quote(UNKNOWN)} END AS variant
+  SELECT unit, ts, CASE variant {mapping} ELSE -1 END AS variant
   FROM exposures
   WHERE {' AND '.join(where)}
 ),
 units AS (
-  SELECT unit, MIN(ts) AS first_ts, MIN(variant) AS variant, COUNT(DISTINCT variant) AS variant_count
+  SELECT unit, MIN(ts) AS first_ts, MIN(variant) AS variant, MAX(variant) AS last_variant
   FROM exposed
   GROUP BY unit
 ),
 assigned AS (
-  SELECT unit, first_ts, variant, {', '.join(bounds)}
-  FROM units WHERE variant_count = 1 AND variant <> {quote(UNKNOWN)}
+  SELECT unit, first_ts, CASE variant {unmap} END AS variant, {', '.join(bounds)}
+  FROM units WHERE variant = last_variant AND variant >= 0
 ),
-deduped_events AS (
-  SELECT event_id, ANY_VALUE(unit) AS unit, ANY_VALUE(code) AS code, ANY_VALUE(ts) AS ts, ANY_VALUE(value) AS value
+relevant AS (
+  SELECT e.event_id, e.unit, e.code{zone}, e.value
   FROM (
     SELECT event_id, unit, CASE name {code_case} END AS code, ts, COALESCE(value, 0) AS value
     FROM events
     WHERE {' AND '.join(event_where)}
-  ) AS relevant
+  ) AS e
+  JOIN assigned AS a ON e.unit = a.unit
+  WHERE {windows.relevant()}
+),
+deduped AS (
+  SELECT event_id, ANY_VALUE(unit) AS unit, ANY_VALUE(code) AS code,{' ANY_VALUE(zone) AS zone,' if zone else ''}
+    ANY_VALUE(value) AS value
+  FROM relevant
   GROUP BY event_id
+),
+unit_values AS (
+  SELECT unit,
+    {nl.join(per_unit_cols)}
+  FROM deduped
+  GROUP BY unit
 ),
 per_unit AS (
   SELECT a.variant, CAST(a.first_ts AS DATE) AS day,
-    {nl.join(per_unit_cols)}
-  FROM assigned AS a LEFT JOIN deduped_events AS e ON e.unit = a.unit
-  GROUP BY a.unit, a.variant, a.first_ts
+    {nl.join(zeros)}
+  FROM assigned AS a LEFT JOIN unit_values AS p ON p.unit = a.unit
 ){caps_cte},
 capped AS (
   SELECT variant, day, {', '.join(capped_cols)} FROM {capped_from}
@@ -213,12 +316,12 @@ SELECT variant, day, COUNT(*) AS n,
 FROM capped
 GROUP BY variant, day
 UNION ALL
-SELECT CASE WHEN variant_count > 1 THEN {quote(MULTIPLE)} ELSE {quote(UNKNOWN)} END AS variant,
+SELECT CASE WHEN variant <> last_variant THEN {quote(MULTIPLE)} ELSE {quote(UNKNOWN)} END AS variant,
     CAST(NULL AS DATE) AS day, COUNT(*) AS n,
     {nl.join(nulls)}
 FROM units
-WHERE variant_count > 1 OR variant = {quote(UNKNOWN)}
-GROUP BY CASE WHEN variant_count > 1 THEN {quote(MULTIPLE)} ELSE {quote(UNKNOWN)} END
+WHERE variant <> last_variant OR variant < 0
+GROUP BY CASE WHEN variant <> last_variant THEN {quote(MULTIPLE)} ELSE {quote(UNKNOWN)} END
 """
 
 

@@ -9,9 +9,10 @@ feed the same statistics engine. Each runs in its own child process, so wall tim
 (the child's maximum resident set) are measured cleanly and side by side in one run; the
 statistics of both are compared at the end (they must agree to 1e-9).
 
-The pandas path is what a careful analyst would write: pyarrow-backed reads of only the needed
-columns with the filters pushed into the Parquet reader, drop_duplicates on event_id, a merge with
-each unit's first exposure, vectorised boolean masks per metric and groupby sums.
+The pandas path is what a careful analyst would write: pyarrow reads of only the needed columns
+with the filters pushed into the Parquet reader, strings kept in Arrow memory (`string[pyarrow]`),
+drop_duplicates on event_id, a merge with each unit's first exposure, vectorised boolean masks per
+metric and groupby sums.
 """
 
 from __future__ import annotations
@@ -40,16 +41,22 @@ DEFAULT_EXPERIMENT = ROOT / "examples" / "experiments" / "home-ranking.yaml"
 def pandas_statistics(lake: str | os.PathLike[str], experiment: Any) -> list[dict[str, Any]]:
     """The rows of the metric SQL (variant, day, n, sums...), computed with pandas instead."""
     import pandas as pd
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from analysis_worker.lake import table_pattern
     from analysis_worker.sql import MULTIPLE, UNKNOWN
 
+    # Strings stay in Arrow memory (pandas' "string[pyarrow]", the default string type from pandas 3)
+    # instead of becoming one Python object each: 1.8x faster end to end on the benchmark's lakes.
+    arrow_strings = {pa.string(): pd.StringDtype("pyarrow"), pa.large_string(): pd.StringDtype("pyarrow")}
+
     def read(table: str, columns: list[str], filters: list[Any]) -> pd.DataFrame:
         files = sorted(glob.glob(table_pattern(lake, table)))
         if not files:
             return pd.DataFrame({c: pd.Series(dtype="object") for c in columns})
-        return pq.ParquetDataset(files, filters=filters).read(columns=columns).to_pandas()
+        dataset = pq.ParquetDataset(files, filters=filters)
+        return dataset.read(columns=columns).to_pandas(types_mapper=arrow_strings.get)
 
     start = pd.Timestamp(experiment.start)
     end = pd.Timestamp(experiment.end) if experiment.end else None

@@ -204,6 +204,27 @@ def test_crafted_lake_gives_the_hand_computed_statistics(crafted_lake: Path) -> 
     assert any("at least 2 are needed" in w for w in doc["warnings"])
 
 
+def test_an_event_id_counts_once_even_when_its_copies_differ(tmp_path: Path) -> None:
+    root = tmp_path / "lake"
+    h = dt.timedelta(hours=1)
+    _write(root, "exposures", [_exposure("x1", "u1", "control", T0), _exposure("x2", "u2", "bandit", T0)])
+    _write(root, "events", [
+        _event("e1", "u1", "purchase", T0 + h, 10.0),
+        _event("e1", "u1", "purchase", T0 + 2 * h, 10.0),                   # a retry stamped later
+        _event("e2", "u1", "purchase", T0 + 3 * h, 4.0),
+        _event("e2", "u1", "purchase", T0 + dt.timedelta(days=9), 4.0),     # a copy outside the window
+        _event("e3", "u2", "purchase", T0 + dt.timedelta(days=9), 5.0),
+        _event("e3", "u2", "purchase", T0 + dt.timedelta(days=10), 5.0),    # no copy inside: never counts
+    ])
+    config = parse_experiment(_example(sequential=None, end="2026-12-01", metrics=[
+        {"name": "revenue", "kind": "mean", "event": "purchase", "aggregate": "sum", "window": "7d"},
+        {"name": "purchases", "kind": "mean", "event": "purchase", "aggregate": "count", "window": "7d"},
+    ]))
+    rows = {r["variant"]: r for r in _query_rows(root, config)}
+    assert (rows["control"]["m0_sum"], rows["control"]["m1_sum"]) == (14.0, 2.0)
+    assert (rows["bandit"]["m0_sum"], rows["bandit"]["m1_sum"]) == (0.0, 0.0)
+
+
 @pytest.mark.parametrize("dialect", ["spark", "bigquery", "trino"])
 def test_generated_sql_parses_in_other_dialects(dialect: str) -> None:
     config = load_experiment(EXAMPLE)
