@@ -39,6 +39,7 @@ from __future__ import annotations
 import datetime as dt
 
 import sqlglot
+from sqlglot import exp
 
 from analysis_worker.config import EventMeasure, ExperimentConfig, MetricConfig
 
@@ -329,4 +330,10 @@ def transpile(query: str, dialect: str) -> str:
     """The same query in another engine's dialect (spark, bigquery, trino, duckdb)."""
     if dialect not in DIALECTS:
         raise ValueError(f"unknown dialect {dialect!r}; one of {', '.join(DIALECTS)}")
-    return sqlglot.transpile(query, read="duckdb", write=dialect, pretty=True)[0]
+    tree = sqlglot.parse_one(query, read="duckdb")
+    # DuckDB's ANY_VALUE skips NULLs, so sqlglot spells it `ARBITRARY(x) IGNORE NULLS` for Trino
+    # and `ANY_VALUE(x IGNORE NULLS)` for BigQuery, which neither accepts. The query only takes
+    # ANY_VALUE of columns that are never NULL, so the plain function means the same everywhere.
+    tree = tree.transform(
+        lambda node: node.this if isinstance(node, exp.IgnoreNulls) and isinstance(node.this, exp.AnyValue) else node)
+    return tree.sql(dialect=dialect, pretty=True)
