@@ -60,9 +60,10 @@ def pandas_statistics(lake: str | os.PathLike[str], experiment: Any) -> list[dic
 
     start = pd.Timestamp(experiment.start)
     end = pd.Timestamp(experiment.end) if experiment.end else None
-    filters: list[Any] = [("flag", "==", experiment.flag), ("ts", ">=", start)]
+    # Both spellings of the flag and rule, as the SQL matches them (see ExperimentConfig.flag_names).
+    filters: list[Any] = [("flag", "in", list(experiment.flag_names())), ("ts", ">=", start)]
     if experiment.rule:
-        filters.append(("rule", "==", experiment.rule))
+        filters.append(("rule", "in", list(experiment.rule_names())))
     if end is not None:
         filters.append(("ts", "<", end))
     exposed = read("exposures", ["unit", "ts", "variant"], filters)
