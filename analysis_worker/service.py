@@ -31,6 +31,7 @@ from analysis_worker.compute import compute_results
 from analysis_worker.config import ConfigError, ExperimentConfig, load_experiment
 from analysis_worker.inputs import InputError, parse_input
 from protos.twofold.analysis.v1 import analysis_pb2, analysis_pb2_grpc
+from twofold import waiting
 from twofold.server import ServiceRegistration
 
 log = logging.getLogger("twofold.analysis")
@@ -175,10 +176,7 @@ class AnalysisWorker:
             except Exception:
                 log.exception("analysis round failed")
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.every_seconds)
-            except TimeoutError:
-                pass
+            await waiting.within(self._wake.wait(), self.every_seconds)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())

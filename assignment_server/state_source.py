@@ -22,6 +22,7 @@ from prometheus_client import Counter, Gauge
 from assignment_server.authoring.compiler import LOCK_FILE, load_flag_source
 from assignment_server.authoring.errors import FlagFileError
 from assignment_server.resolver import ResolverState, StateError
+from twofold import waiting
 
 log = logging.getLogger("twofold.assignment.state")
 
@@ -131,10 +132,7 @@ class StateSource:
         """Return once the served generation differs from `generation` (or on timeout)."""
         async with self._changed:
             if self.current is not None and self.current.generation == generation:
-                try:
-                    await asyncio.wait_for(self._changed.wait(), max_wait)
-                except TimeoutError:
-                    pass
+                await waiting.within(self._changed.wait(), max_wait)
         assert self.current is not None
         return self.current
 

@@ -29,6 +29,7 @@ from client_sdk.sync_client import deliver_blocking, make_options
 from protos.twofold.assignment.v1 import assignment_pb2 as apb
 from protos.twofold.assignment.v1 import assignment_pb2_grpc
 from protos.twofold.model.v1 import model_pb2, model_pb2_grpc
+from twofold import waiting
 
 log = logging.getLogger("twofold.sdk")
 
@@ -68,11 +69,8 @@ class AsyncClient(ClientSurface):
         if self._local is None:
             return True
         assert self._state_loaded is not None
-        try:
-            await asyncio.wait_for(self._state_loaded.wait(),
-                                   self.options.deadlines.local_state if within is None else within)
-        except TimeoutError:
-            pass
+        await waiting.within(self._state_loaded.wait(),
+                             self.options.deadlines.local_state if within is None else within)
         return self._local.ready
 
     async def resolve(self, flag: str, unit: str, context: Mapping[str, Any] | None = None, *,
@@ -239,7 +237,8 @@ class AsyncClient(ClientSurface):
             try:
                 answer = p.custom(p.call)  # type: ignore[arg-type]
                 if inspect.isawaitable(answer):
-                    answer = await asyncio.wait_for(answer, self.options.deadlines.model)
+                    async with asyncio.timeout(self.options.deadlines.model):  # see twofold.waiting
+                        answer = await answer
                 return systems.finish_custom(p, answer)
             except Exception as exc:
                 return systems.failed_call(p, exc)
@@ -270,11 +269,9 @@ class AsyncClient(ClientSurface):
 
     async def _flush_loop(self) -> None:
         assert self._wake is not None and self._flush_lock is not None
-        while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.options.flush_interval)
-            except TimeoutError:
-                pass
+        # `not self._closed` as well as cancellation: close() must never wait on this loop forever.
+        while not self._closed:
+            await waiting.within(self._wake.wait(), self.options.flush_interval)
             self._wake.clear()
             try:
                 async with self._flush_lock:
@@ -298,7 +295,13 @@ class AsyncClient(ClientSurface):
                 calls.append(stub.ApplyFlags(request, timeout=self.options.deadlines.apply))
             else:
                 calls.append(stub.TrackEvents(request, timeout=self.options.deadlines.track))
-        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        try:
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        except asyncio.CancelledError:
+            # close() stopped the background loop mid-send: nothing here is known to be delivered,
+            # so it goes back for close()'s final flush (the server drops a repeat by its id).
+            core.requeue_unconfirmed(requests)
+            raise
         for request, outcome in zip(requests, outcomes, strict=True):
             if isinstance(outcome, grpc.RpcError):
                 core.delivery_failed(outcome, request)

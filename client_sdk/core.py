@@ -455,6 +455,14 @@ class ClientCore:
         _log.error("assignment server refused %d %s, dropping them: %s", size,
                    "exposures" if is_apply else "events", message)
 
+    def requeue_unconfirmed(self, requests: Sequence[apb.ApplyFlagsRequest | apb.TrackEventsRequest]) -> None:
+        """Put back requests whose outcome is unknown (a send cancelled midway); ids dedup a resend."""
+        for request in requests:
+            if isinstance(request, apb.ApplyFlagsRequest):
+                self.exposures.requeue(request)
+            else:
+                self.events.requeue(request)
+
     def drain_all(self) -> list[apb.ApplyFlagsRequest | apb.TrackEventsRequest]:
         """Everything queued as requests; stamp each with `stamp_send_time` as it is handed to gRPC."""
         return [*self.exposures.drain(self.client_secret), *self.events.drain(self.client_secret)]

@@ -516,3 +516,24 @@ def test_async_client_that_only_tracks_delivers_in_the_background(server: Server
         return before_close, client.stats.events_sent
 
     assert asyncio.run(main()) == (1, 2)
+
+
+def test_close_right_after_a_wake_up_neither_hangs_nor_loses_the_event(server: ServerProcess) -> None:
+    """track() wakes the flush loop (batch_size 1) and close() cancels it in the same loop turn.
+
+    With `asyncio.wait_for` around the loop's wait, Python 3.11 lost that cancellation and
+    close() waited for the loop forever (how `twofold demo` hung); see twofold/waiting.py.
+    """
+    async def main() -> tuple[bool, int]:
+        client = AsyncClient(server.target, client_secret=SECRET, options=_opts(flush_interval=30, batch_size=1))
+        client.track("purchase", "closes-early", 1.0)
+        for _ in range(100):  # the first event goes out on the wake-up; then the loop waits again
+            if client.stats.events_sent:
+                break
+            await asyncio.sleep(0.05)
+        client.track("purchase", "closes-early", 2.0)  # sets the wake-up ...
+        closing = asyncio.ensure_future(client.close())  # ... and close() cancels the loop at once
+        done, _ = await asyncio.wait({closing}, timeout=15)
+        return bool(done), client.stats.events_sent
+
+    assert asyncio.run(main()) == (True, 2)
