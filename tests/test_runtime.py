@@ -275,6 +275,11 @@ def test_bad_settings_are_refused_with_a_message(tmp_path: Path) -> None:
         cwd=ROOT, capture_output=True, timeout=30)
     assert result.returncode == 2
     assert b"--tls-cert and --tls-key must be given together" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "twofold", "serve-echo", "--port", "0"],
+        cwd=ROOT, capture_output=True, timeout=30, env={**os.environ, "TWOFOLD_EVENT_LOOP": "tokio"})
+    assert result.returncode == 2
+    assert b"TWOFOLD_EVENT_LOOP must be one of auto, uvloop, asyncio, got 'tokio'" in result.stderr
 
 
 def test_cli_lists_subcommands() -> None:
