@@ -279,7 +279,13 @@ def test_bad_settings_are_refused_with_a_message(tmp_path: Path) -> None:
         [sys.executable, "-m", "twofold", "serve-echo", "--port", "0"],
         cwd=ROOT, capture_output=True, timeout=30, env={**os.environ, "TWOFOLD_EVENT_LOOP": "tokio"})
     assert result.returncode == 2
-    assert b"TWOFOLD_EVENT_LOOP must be one of auto, uvloop, asyncio, got 'tokio'" in result.stderr
+    assert b"--event-loop: 'tokio' is not one of auto, uvloop, asyncio" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "twofold", "serve-echo", "--port", "0"],
+        cwd=ROOT, capture_output=True, timeout=30, env={**os.environ, "TWOFOLD_LOG_LEVEL": "verbose"})
+    assert result.returncode == 2
+    assert b"--log-level: 'verbose' is not one of debug, info, warning, error" in result.stderr
+    assert b"Traceback" not in result.stderr
 
 
 def test_cli_lists_subcommands() -> None:

@@ -78,7 +78,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = load_command(name)
     sub = argparse.ArgumentParser(prog=f"twofold {name}", description=SUBCOMMANDS[name][1])
     command.configure(sub)
-    return int(command.run(sub.parse_args(args_list[1:])) or 0)
+    args = sub.parse_args(args_list[1:])
+    check_choices(sub, args)
+    return int(command.run(args) or 0)
+
+
+def check_choices(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a default outside an option's choices (exit 2 with a message, not a traceback later).
+
+    argparse checks only values given on the command line; defaults that come from `TWOFOLD_*`
+    environment variables (e.g. TWOFOLD_LOG_LEVEL=verbose) would otherwise pass through.
+    """
+    for action in parser._actions:  # argparse offers no public view of its options
+        value = getattr(args, action.dest, None)
+        if action.choices is not None and value is not None and value not in action.choices:
+            flag = "/".join(action.option_strings) or action.dest
+            parser.error(f"{flag}: {value!r} is not one of {', '.join(map(str, action.choices))} "
+                         "(from a TWOFOLD_* environment variable?)")
 
 
 if __name__ == "__main__":
