@@ -25,7 +25,7 @@ from client_sdk.convert import now_timestamp, python_to_struct, struct_to_python
 from client_sdk.errors import TwofoldError
 from client_sdk.local import LocalState
 from client_sdk.options import ClientOptions
-from client_sdk.results import ErrorCode, FlagResult, Reason
+from client_sdk.results import Decision, ErrorCode, FlagResult, Reason
 from client_sdk.systems import SystemFn, SystemRegistry
 from protos.twofold.assignment.v1 import assignment_pb2 as apb
 from twofold import __version__
@@ -502,6 +502,28 @@ class ClientSurface:
 
     _core: ClientCore
     _local: LocalState | None
+    options: ClientOptions
+
+    def apply(self, result: FlagResult) -> None:
+        raise NotImplementedError
+
+    def _finish_decide(self, result: FlagResult, decision: Decision) -> Decision:
+        """After the arm's system answered: count a fallback (raised when strict), log the exposure."""
+        if decision.reason is Reason.FALLBACK:
+            self._core.stats.fallbacks_served += 1
+            if self.options.strict:
+                raise TwofoldError(decision.error_code or ErrorCode.SYSTEM_FAILED,
+                                   decision.error_message or "system failed")
+        self.apply(result)
+        return decision
+
+    def _decide_failed(self, flag: str, unit: str, default: Any, exc: Exception) -> Decision:
+        """decide() raised unexpectedly: re-raise when strict, else serve the default with the error."""
+        if self.options.strict:
+            raise exc
+        _log.exception("decide(%s) failed unexpectedly; serving the default", flag)
+        return Decision(flag=flag_name(flag), unit=unit, value=default, system=None, reason=Reason.ERROR,
+                        error_code=ErrorCode.GENERAL, error_message=f"{type(exc).__name__}: {exc}")
 
     @property
     def stats(self) -> ClientStats:

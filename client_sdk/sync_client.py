@@ -23,7 +23,7 @@ from client_sdk.core import ClientCore, ClientSurface, flag_name
 from client_sdk.errors import TwofoldError
 from client_sdk.local import Backoff, LocalState, watch_request
 from client_sdk.options import ClientOptions
-from client_sdk.results import Decision, ErrorCode, FlagResult, Reason
+from client_sdk.results import Decision, ErrorCode, FlagResult
 from protos.twofold.assignment.v1 import assignment_pb2 as apb
 from protos.twofold.assignment.v1 import assignment_pb2_grpc
 from protos.twofold.model.v1 import model_pb2, model_pb2_grpc
@@ -152,19 +152,9 @@ class Client(ClientSurface):
             result = self.resolve(flag, unit, context, default=default)
             p = systems.plan(result, self._core.systems, context or {}, features, candidates, default, decision_id)
             decision = p.decision if p.decision is not None else self._serve(p)
-            if decision.reason is Reason.FALLBACK:
-                self._core.stats.fallbacks_served += 1
-                if self.options.strict:
-                    raise TwofoldError(decision.error_code or ErrorCode.SYSTEM_FAILED,
-                                       decision.error_message or "system failed")
-            self.apply(result)
-            return decision
+            return self._finish_decide(result, decision)
         except Exception as exc:
-            if self.options.strict:
-                raise
-            log.exception("decide(%s) failed unexpectedly; serving the default", flag)
-            return Decision(flag=flag_name(flag), unit=unit, value=default, system=None, reason=Reason.ERROR,
-                            error_code=ErrorCode.GENERAL, error_message=f"{type(exc).__name__}: {exc}")
+            return self._decide_failed(flag, unit, default, exc)
 
     def track(self, event: str, unit: str, value: float | None = None, *,
               properties: Mapping[str, Any] | None = None, time_ns: int | None = None) -> str:
