@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from twofold.lake import TABLE_SCHEMAS, LakeWriter, iter_ids, read_frames, read_table
+from twofold.lake import TABLE_SCHEMAS, LakeWriter, _Pending, iter_ids, read_frames, read_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +48,7 @@ def test_append_flush_and_read_back_with_contract_schema(tmp_path: Path) -> None
         assert stamps["e0"] == dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)
         # Nothing is left in the write-ahead log once flushed.
         assert not list(writer.wal_dir.glob("*.wal")) or all(
-            not list(read_frames(p)) for p in writer.wal_dir.glob("*.wal"))
+            not list(read_frames(p, TABLE_SCHEMAS["events"])) for p in writer.wal_dir.glob("*.wal"))
     finally:
         writer.close_sync()
 
@@ -101,8 +104,15 @@ def test_invalid_records_fail_their_own_call_only(tmp_path: Path) -> None:
             writer.append_sync([{"ts": 1}])
         with pytest.raises(ValueError, match="unknown columns"):
             writer.append_sync([{**_event(1), "color": "red"}])
-        with pytest.raises(ValueError):
-            writer.append_sync([{**_event(2), "value": float("nan")}])
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            with pytest.raises(ValueError, match="value holds NaN or infinity"):
+                writer.append_sync([{**_event(2), "value": bad}])
+        # Wrong types are refused when the append is encoded, in the caller's own call: a record
+        # that cannot become a Parquet row never reaches the segment the compactor must read.
+        with pytest.raises(ValueError, match=r"invalid events record: .*dict"):
+            writer.append_sync([{**_event(4), "properties": {"not": "a JSON string"}}])
+        with pytest.raises(ValueError, match="invalid events record"):
+            writer.append_sync([{**_event(5), "value": "twelve"}])
         writer.append_sync([_event(3)])
         writer.flush_sync()
         assert read_table(tmp_path, "events")["event_id"].to_pylist() == ["e3"]
@@ -110,6 +120,63 @@ def test_invalid_records_fail_their_own_call_only(tmp_path: Path) -> None:
         writer.close_sync()
     with pytest.raises(ValueError, match="unknown lake table"):
         LakeWriter(tmp_path, "nope")
+
+
+def test_a_bad_append_in_a_group_commit_fails_alone(tmp_path: Path) -> None:
+    """Appends that share a commit share one frame; a bad one is split out and fails by itself."""
+    writer = LakeWriter(tmp_path, "events", compact_interval_s=60)
+    writer.wal_dir.mkdir(parents=True)
+    writer._open_segment()  # the commit path alone, without the writer thread
+
+    def pending(records: list[dict]) -> _Pending:
+        return _Pending(records, len(records), concurrent.futures.Future())
+
+    good = [pending([_event(1), _event(2)]), pending([_event(3)])]
+    bad = pending([{**_event(4), "value": float("inf")}])
+    writer._commit([good[0], bad, good[1]])
+    assert all(p.future.result(timeout=0) is None for p in good)
+    with pytest.raises(ValueError, match="invalid events record: value holds NaN or infinity"):
+        bad.future.result(timeout=0)
+    writer._commit([pending([_event(5)]), pending([_event(6)])])
+    assert writer.commits == 2
+    frames = list(read_frames(writer._segment.path, TABLE_SCHEMAS["events"]))  # type: ignore[union-attr]
+    assert [t["event_id"].to_pylist() for t in frames] == [["e1", "e2"], ["e3"], ["e5", "e6"]]
+
+
+def test_float_lists_refuse_nan_and_keep_their_values(tmp_path: Path) -> None:
+    writer = LakeWriter(tmp_path, "decisions", compact_interval_s=60)
+    writer.start_sync()
+    row = {"decision_id": "d1", "ts": 1_790_000_000_000_000, "unit": "u", "model": "m", "model_version": "1",
+           "arm": "a", "propensity": 0.25, "features": [0.5, -1.25, 3.0]}
+    try:
+        with pytest.raises(ValueError, match="features holds NaN or infinity"):
+            writer.append_sync([{**row, "decision_id": "d0", "features": [0.5, float("nan")]}])
+        writer.append_sync([row])
+        writer.flush_sync()
+        table = read_table(tmp_path, "decisions")
+        assert table.schema == TABLE_SCHEMAS["decisions"]
+        assert table.to_pylist() == [{**row, "ts": dt.datetime(2026, 9, 21, 14, 13, 20, tzinfo=dt.UTC)}]
+    finally:
+        writer.close_sync()
+
+
+def test_segments_in_the_former_json_frame_format_are_recovered(tmp_path: Path) -> None:
+    """A server upgraded after a crash finds segments of JSON frames: they still reach the lake."""
+    folder = tmp_path / "_wal" / "events" / "old-writer"
+    folder.mkdir(parents=True)
+    frames = b""
+    for batch in ([_event(i) for i in range(3)], [_event(i) for i in range(3, 5)]):
+        rows = [{**r, "ts": int(r["ts"].timestamp()) * 1_000_000} for r in batch]
+        payload = json.dumps(rows, separators=(",", ":")).encode()
+        frames += struct.pack("<II", len(payload), zlib.crc32(payload)) + payload
+    (folder / "000000000001.wal").write_bytes(frames)
+    writer = LakeWriter(tmp_path, "events")
+    writer.start_sync()
+    writer.close_sync()
+    table = read_table(tmp_path, "events")
+    assert sorted(table["event_id"].to_pylist()) == [f"e{i}" for i in range(5)]
+    assert dict(zip(table["event_id"].to_pylist(), table["value"].to_pylist(), strict=True))["e4"] == 4.0
+    assert not folder.exists()
 
 
 def test_torn_tail_is_ignored_and_recompaction_is_idempotent(tmp_path: Path) -> None:

@@ -13,6 +13,13 @@ re-compacts the segment into the same names, replacing identical content; nothin
 Several processes may write one table (e.g. model server workers): each writer owns a
 write-ahead directory under `<root>/_wal/<table>/` locked with `flock`; a starting writer also
 recovers the directories of writers that died (their lock is free).
+
+Frames hold Arrow IPC messages: a segment opens with its table's schema and every group commit
+appends one record batch. Building the batch is where records are type-checked, so a bad record
+fails its own append instead of poisoning the segment's compaction (which would keep every
+record of the segment out of the lake), and compaction only concatenates batches: ~1-5 µs per
+record against ~4-16 µs with the JSON frames used before. `read_frames` still reads JSON frames,
+so segments left by an older version are recovered.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import concurrent.futures
 import contextlib
 import datetime as dt
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -37,8 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prometheus_client import Counter, Gauge
 
@@ -72,8 +80,13 @@ WAL_LAG = Gauge("twofold_lake_wal_lag_seconds", "Age of the oldest record not ye
 PARQUET_FILES = Counter("twofold_lake_parquet_files", "Parquet files published.", ["table"])
 WRITE_FAILURES = Counter("twofold_lake_write_failures", "Failed fsyncs or compactions.", ["table"])
 
-# Frame: payload length, CRC32 of the payload, payload (a JSON array of records).
+# Frame: payload length, CRC32 of the payload, payload. A payload is a tag and an Arrow IPC
+# message (the segment's schema first, then record batches), or a JSON array of records in
+# segments written before the Arrow frames. A change of a table's schema keeps the old segments
+# readable because each segment carries the schema it was written with.
 _FRAME = struct.Struct("<II")
+_SCHEMA_TAG = b"TFSCHEMA"
+_BATCH_TAG = b"TFBATCH1"
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
@@ -91,14 +104,16 @@ def to_micros(ts: Any) -> int:
     raise TypeError(f"ts must be a datetime or int microseconds, got {type(ts).__name__}")
 
 
-def read_frames(path: Path) -> Iterator[list[dict[str, Any]]]:
-    """Yield each complete, intact frame of a segment; stop at a torn or corrupt tail.
+def read_frames(path: Path, schema: pa.Schema) -> Iterator[pa.Table]:
+    """Yield the records of each complete, intact frame of a segment; stop at a torn or corrupt tail.
 
     Only the last frame can be torn (a crash during its write), and such a frame was never
-    acknowledged because its fsync had not returned.
+    acknowledged because its fsync had not returned. `schema` is the table's: JSON frames (from
+    an older version) are converted with it; Arrow frames use the schema stored in the segment.
     """
     data = path.read_bytes()
     offset = 0
+    stored: pa.Schema | None = None
     while offset + _FRAME.size <= len(data):
         length, crc = _FRAME.unpack_from(data, offset)
         start = offset + _FRAME.size
@@ -107,8 +122,44 @@ def read_frames(path: Path) -> Iterator[list[dict[str, Any]]]:
             log.warning("ignoring torn tail of write-ahead segment",
                         extra={"fields": {"segment": str(path), "offset": offset}})
             return
-        yield json.loads(payload)
         offset = start + length
+        tag, message = payload[:len(_BATCH_TAG)], pa.py_buffer(payload)[len(_BATCH_TAG):]
+        if tag == _SCHEMA_TAG:
+            stored = pa.ipc.read_schema(message)
+        elif tag == _BATCH_TAG:
+            if stored is None:
+                raise ValueError(f"write-ahead segment {path} has a record batch before its schema")
+            yield pa.Table.from_batches([pa.ipc.read_record_batch(message, stored)])
+        else:
+            yield pa.Table.from_batches([rows_to_arrow(json.loads(payload), schema)])
+
+
+def rows_to_arrow(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.RecordBatch:
+    """Records (dicts, `ts` as microseconds or a datetime) as one record batch of `schema`.
+
+    Raises TypeError or ValueError (pyarrow's ArrowTypeError / ArrowInvalid) for a value of the
+    wrong type, and ValueError for NaN or infinity in a float column: the lake stores measured
+    values, and JSON readers of the Parquet (and the JSON frames this replaced) cannot hold them.
+    One `from_pylist` call rather than an array per column: the writer thread encodes a few
+    records every few milliseconds, on cold caches, where each pyarrow call costs ~15 µs.
+    """
+    converted = [row if isinstance(row.get("ts"), int) else {**row, "ts": to_micros(row["ts"])} for row in rows]
+    batch = pa.RecordBatch.from_pylist(converted, schema=schema)
+    for index in _float_columns(schema):
+        values = batch.column(index)
+        if pa.types.is_list(values.type):
+            values = values.flatten()
+        if pc.all(pc.is_finite(values)).as_py() is False:
+            raise ValueError(f"{schema.field(index).name} holds NaN or infinity")
+    return batch
+
+
+@functools.cache
+def _float_columns(schema: pa.Schema) -> tuple[int, ...]:
+    """Indices of the float and list-of-float columns (checked for NaN and infinity)."""
+    def floating(kind: pa.DataType) -> bool:
+        return pa.types.is_floating(kind.value_type if pa.types.is_list(kind) else kind)
+    return tuple(i for i, column in enumerate(schema) if floating(column.type))
 
 
 @dataclass
@@ -154,6 +205,9 @@ class LakeWriter:
         self.table = table
         self.schema = TABLE_SCHEMAS[table]
         self._id_column = ID_COLUMN[table]
+        self._column_names = frozenset(self.schema.names)
+        schema_payload = _SCHEMA_TAG + self.schema.serialize().to_pybytes()
+        self._schema_frame = _FRAME.pack(len(schema_payload), zlib.crc32(schema_payload)) + schema_payload
         self.writer_id = writer_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.compact_interval_s = compact_interval_s
         self.segment_max_bytes = segment_max_bytes
@@ -269,17 +323,20 @@ class LakeWriter:
     async def flush(self) -> None:
         await asyncio.to_thread(self.flush_sync)
 
-    def _encode(self, records: Sequence[Mapping[str, Any]]) -> bytes:
-        names = set(self.schema.names)
-        rows = []
+    def _frame(self, records: Sequence[Mapping[str, Any]]) -> bytes:
+        """Records as one framed, tagged Arrow record batch (TypeError or ValueError for a bad record).
+
+        A commit encodes all its appends in one call: each pyarrow call costs ~15 µs on the cold
+        caches of a thread that wakes every few milliseconds, so per-append batches would make
+        many small appends (ApplyFlags exposures) cost more than the JSON frames did.
+        """
+        names = self._column_names
         for record in records:
             unknown = record.keys() - names
             if unknown:
                 raise ValueError(f"unknown columns {sorted(unknown)}")
-            row = dict(record)
-            row["ts"] = to_micros(record["ts"])
-            rows.append(row)
-        return json.dumps(rows, separators=(",", ":"), allow_nan=False).encode()
+        payload = _BATCH_TAG + rows_to_arrow(records, self.schema).serialize().to_pybytes()
+        return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
 
     # ------------------------------------------------------------------ write-ahead thread
     def _open_segment(self) -> None:
@@ -287,7 +344,12 @@ class LakeWriter:
         path = self.wal_dir / f"{self._seq:012d}.wal"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._fsync_dir(self.wal_dir)
-        self._segment = _Segment(path=path, fd=fd, opened_at=time.monotonic())
+        # The schema frame becomes durable with the segment's first commit (fdatasync covers it).
+        header = self._schema_frame
+        if os.write(fd, header) != len(header):
+            os.close(fd)
+            raise OSError(f"short write of the schema frame to {path}")
+        self._segment = _Segment(path=path, fd=fd, opened_at=time.monotonic(), size=len(header))
 
     def _rotate(self) -> None:
         """Close the active segment (if it holds anything) and hand it to the compactor."""
@@ -339,19 +401,22 @@ class LakeWriter:
                     segment.path.unlink()
 
     def _commit(self, batch: list[_Pending]) -> None:
-        """Write every pending append as a frame and fsync once for all of them."""
-        writes: list[_Pending] = []
-        frames: list[bytes] = []
-        for pending in batch:
-            if not pending.count:
-                continue
-            try:
-                payload = self._encode(pending.records)
-            except (TypeError, ValueError) as exc:
-                pending.future.set_exception(ValueError(f"invalid {self.table} record: {exc}"))
-                continue
-            writes.append(pending)
-            frames.append(_FRAME.pack(len(payload), zlib.crc32(payload)) + payload)
+        """Write the pending appends as one frame and fsync once for all of them (group commit)."""
+        writes = [pending for pending in batch if pending.count]
+        if not writes:
+            return
+        try:
+            frames = [self._frame([record for pending in writes for record in pending.records])]
+        except (TypeError, ValueError, OverflowError):
+            # Some append holds a bad record: encode each on its own so only that call fails.
+            frames, accepted = [], []
+            for pending in writes:
+                try:
+                    frames.append(self._frame(pending.records))
+                    accepted.append(pending)
+                except (TypeError, ValueError, OverflowError) as exc:
+                    pending.future.set_exception(ValueError(f"invalid {self.table} record: {exc}"))
+            writes = accepted
         if not writes:
             return
         segment = self._segment
@@ -412,15 +477,18 @@ class LakeWriter:
 
     def compact_segment(self, path: Path) -> list[Path]:
         """Turn one write-ahead segment into Parquet files (one per date), then delete it."""
-        rows = [row for frame in read_frames(path) for row in frame]
+        frames = list(read_frames(path, self.schema))
         written: list[Path] = []
-        if rows:
-            table = self._to_arrow(rows)
-            days = np.fromiter((row["ts"] for row in rows), dtype=np.int64, count=len(rows)) // 86_400_000_000
+        if frames:
+            # One chunk, not one per frame: filtering and writing thousands of tiny chunks costs
+            # more than the copy.
+            table = pa.concat_tables(frames).combine_chunks()
+            days = table.column("ts").cast(pa.int64()).to_numpy() // 86_400_000_000
             owner = path.parent.name
-            for day in sorted(set(days.tolist())):
+            distinct = sorted(set(days.tolist()))
+            for day in distinct:
                 date = (_EPOCH + dt.timedelta(days=int(day))).date().isoformat()
-                part = table.filter(pa.array(days == day))
+                part = table if len(distinct) == 1 else table.filter(pa.array(days == day))
                 folder = self.table_dir / f"date={date}"
                 folder.mkdir(parents=True, exist_ok=True)
                 target = folder / f"{owner}-{path.stem}.parquet"
@@ -435,12 +503,6 @@ class LakeWriter:
         path.unlink()
         self._fsync_dir(path.parent)
         return written
-
-    def _to_arrow(self, rows: list[dict[str, Any]]) -> pa.Table:
-        columns = {}
-        for name in self.schema.names:
-            columns[name] = pa.array([row.get(name) for row in rows], type=self.schema.field(name).type)
-        return pa.Table.from_pydict(columns, schema=self.schema)
 
     # ------------------------------------------------------------------ recovery
     def recover(self) -> int:
