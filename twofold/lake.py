@@ -17,9 +17,11 @@ recovers the directories of writers that died (their lock is free).
 Frames hold Arrow IPC messages: a segment opens with its table's schema and every group commit
 appends one record batch. Building the batch is where records are type-checked, so a bad record
 fails its own append instead of poisoning the segment's compaction (which would keep every
-record of the segment out of the lake), and compaction only concatenates batches: ~1-5 µs per
-record against ~4-16 µs with the JSON frames used before. `read_frames` still reads JSON frames,
-so segments left by an older version are recovered.
+record of the segment out of the lake), and compaction only concatenates batches. CPU of the
+writer and compactor threads per record, against the JSON frames used before: about the same
+for small commits (12 decisions: 30 -> 28 µs; 12 events: 20 -> 21 µs, where pyarrow's cold
+per-call cost dominates) and less for large ones (100 events: 5.4 -> 4.2 µs). `read_frames`
+still reads JSON frames, so segments left by an older version are recovered.
 """
 
 from __future__ import annotations
