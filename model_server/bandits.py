@@ -4,7 +4,7 @@ Each policy is a disjoint linear model per arm (ridge regression of reward on th
 with an intercept), fitted in numpy and frozen into one ONNX graph:
 
     inputs   context  float32 [N, d]      the features, in the manifest's order
-             random   float32 [N, R]      uniforms in (0, 1), derived from the decision id
+             random   float32 [N, R]      uniforms in (0, 1], derived from the decision id
     outputs  scores        float32 [N, K]  per-arm score (UCB for LinUCB, mean otherwise)
              probabilities float32 [N, K]  the policy's distribution over arms
              arm           int64   [N]     the arm drawn from `probabilities` with random[:, 0]
