@@ -10,10 +10,19 @@ Batches of `BATCH_ROWS` rows or more (Score's candidate lists) go to a second se
 `batch_threads` intra-op threads when the server is given more than one: for 100 candidates of
 a 100-tree model, two threads cut ONNX Runtime's wall time by ~20 % (292 -> 233 µs on cold
 caches here) for ~15 % more CPU; below ~64 rows the thread hand-off eats the gain.
+
+Between two calls the gRPC stack evicts the CPU caches, so the per-call Python here is tuned
+for cold caches, where each numpy call costs several µs against well under 1 µs hot: one
+`RunOptions` shared by every run, a single `np.ndarray` view of the request's bytes, and a
+pure-Python finiteness check for small inputs (see `all_finite`). Measured on one 20-feature
+row against the previous code in the same process (median µs, caches trashed before each call):
+`dense` 48 -> 32 cold (2.0 -> 1.1 hot), `decide` 127 -> 116 (14.2 -> 13.0), `predict` of a
+100-tree model 83 -> 77 (6.2 -> 5.5).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +41,15 @@ _ORT_TO_OIP = {"tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(int64)
 
 
 BATCH_ROWS = 64
+# Passed to every run: with None, the binding builds a default RunOptions per call (~6 µs cold, ~0.6 µs hot).
+# Runs only read it, so one object serves every session and thread.
+_RUN_OPTIONS = ort.RunOptions()
+_DECIDE_OUTPUTS = ["scores", "arm", "propensity"]
+_FLOAT32_LE = np.dtype("<f4")
+_FLOAT32 = np.dtype(np.float32)
+# Up to this many float32 values, summing them in Python is cheaper than numpy: on cold caches
+# 12 vs 24 µs for 20 values (the break-even is ~600), hot 0.4 vs 0.9 µs (break-even ~64).
+PYTHON_CHECK_MAX = 64
 
 
 def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
@@ -55,7 +73,20 @@ def rows_from_bytes(data: bytes, rows: int, cols: int, what: str) -> np.ndarray:
     if len(data) != expected:
         raise invalid(f"{what}: rows x cols = {rows} x {cols} needs {expected} bytes of little-endian float32, "
                       f"got {len(data)} bytes", "wrong_shape")
-    return np.frombuffer(data, dtype="<f4").reshape(rows, cols)
+    return np.ndarray((rows, cols), _FLOAT32_LE, data)  # one call: ~6 µs less cold than frombuffer + reshape
+
+
+def all_finite(x: np.ndarray) -> bool:
+    """Whether no value of `x` is NaN or infinite.
+
+    Small float32 inputs (one request row) are summed in Python floats: a NaN or an infinity makes
+    the sum non-finite, and a double cannot overflow summing fewer than 1e270 finite float32 values
+    (each below 3.4e38), so the sum is finite exactly when every value is. Larger inputs go through
+    numpy (see PYTHON_CHECK_MAX), and so do other dtypes, whose finite values could overflow.
+    """
+    if x.dtype is _FLOAT32 and x.size <= PYTHON_CHECK_MAX:  # `is`: ~2.5 µs less cold than ==
+        return math.isfinite(sum(x.ravel().tolist()))
+    return bool(np.isfinite(x).all())
 
 
 class LoadedModel:
@@ -157,7 +188,7 @@ class LoadedModel:
 
     def check_values(self, x: np.ndarray, what: str) -> None:
         """Refuse NaN or infinity where the model has no notion of a missing value."""
-        if not self.manifest.allow_nan and not np.isfinite(x).all():
+        if not self.manifest.allow_nan and not all_finite(x):
             bad = np.argwhere(~np.isfinite(x))[0]
             raise invalid(f"{what}: feature {self.manifest.feature_names[bad[-1]]!r} (row {bad[0]}) is "
                           f"{x[tuple(bad)]}; model {self.name!r} does not accept NaN or infinite values", "nan")
@@ -167,7 +198,7 @@ class LoadedModel:
         """The score output as a `(rows, cols)` float32 array (binary classifiers: P(class 1))."""
         session = self.batch_session if x.shape[0] >= BATCH_ROWS else self.session
         out = session.run(self._score_output, {self.input_name: x} if not self.is_policy
-                          else self._policy_feeds(x, None))[0]
+                          else self._policy_feeds(x, None), _RUN_OPTIONS)[0]
         if not self._score_2d:
             return out.reshape(-1, 1).astype(np.float32, copy=False)
         if self._single_column:
@@ -178,7 +209,7 @@ class LoadedModel:
     def score(self, x: np.ndarray) -> np.ndarray:
         """One float32 score per row: the manifest's score column."""
         session = self.batch_session if x.shape[0] >= BATCH_ROWS else self.session
-        out = session.run(self._score_output, {self.input_name: x})[0]
+        out = session.run(self._score_output, {self.input_name: x}, _RUN_OPTIONS)[0]
         if not self._score_2d:
             return out.reshape(-1)
         return out[:, self.manifest.score_column]
@@ -192,13 +223,12 @@ class LoadedModel:
 
     def decide(self, x: np.ndarray, decision_id: str) -> tuple[np.ndarray, int, float]:
         """Per-arm scores, the chosen arm's index and its propensity, for one context row."""
-        scores, arm, propensity = self.session.run(
-            ["scores", "arm", "propensity"], self._policy_feeds(x, decision_id))
-        return scores[0], int(arm[0]), float(propensity[0])
+        scores, arm, propensity = self.session.run(_DECIDE_OUTPUTS, self._policy_feeds(x, decision_id), _RUN_OPTIONS)
+        return scores[0], arm.item(), propensity.item()
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None) -> list[np.ndarray]:
         """Run the raw graph (Open Inference Protocol)."""
-        return self.session.run(outputs, feeds)
+        return self.session.run(outputs, feeds, _RUN_OPTIONS)
 
     def io_metadata(self) -> tuple[list[tuple[str, str, list[int]]], list[tuple[str, str, list[int]]]]:
         """Graph inputs and outputs as (name, OIP datatype, shape with -1 for dynamic)."""

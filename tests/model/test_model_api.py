@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from model_server.randomness import uniforms
-from model_server.runtime import session_options
+from model_server.runtime import PYTHON_CHECK_MAX, all_finite, session_options
 from protos.twofold.model.v1 import model_pb2, model_pb2_grpc
 from tests.model.conftest import ARMS, CONTEXT, FEATURES, Repo, Server, make_data, metric, scrape
 from twofold.lake import read_table
@@ -146,6 +146,21 @@ BAD_REQUESTS = [
     ("NaN for a linear policy", "Decide", model_pb2.DecideRequest(
         model="linucb", unit="u", dense=dense(np.array([[0.0, np.nan, 1.0]]))),
      grpc.StatusCode.INVALID_ARGUMENT, "feature 'frequency' (row 0) is nan"),
+    # One row is checked in Python, more than PYTHON_CHECK_MAX values with numpy: both refuse alike.
+    ("inf for a linear policy", "Decide", model_pb2.DecideRequest(
+        model="linucb", unit="u", dense=dense(np.array([[0.0, 1.0, np.inf]]))),
+     grpc.StatusCode.INVALID_ARGUMENT, "context: feature 'mobile' (row 0) is inf; model 'linucb' does not accept"),
+    ("-inf for a linear policy", "Decide", model_pb2.DecideRequest(
+        model="linucb", unit="u", dense=dense(np.array([[-np.inf, 1.0, 0.0]]))),
+     grpc.StatusCode.INVALID_ARGUMENT, "context: feature 'recency' (row 0) is -inf"),
+    ("named inf for a linear policy", "Decide", model_pb2.DecideRequest(
+        model="linucb", unit="u", named=model_pb2.NamedFeatures(values={"recency": 0.0, "frequency": math.inf,
+                                                                        "mobile": 1.0})),
+     grpc.StatusCode.INVALID_ARGUMENT, "named: feature 'frequency' (row 0) is inf"),
+    *[(f"{bad} in one of many rows", "Predict", model_pb2.PredictRequest(
+        model="linucb", dense=dense(np.where(np.arange(90).reshape(30, 3) == 52, bad, 0.0))),
+       grpc.StatusCode.INVALID_ARGUMENT, f"dense: feature 'frequency' (row 17) is {bad}")
+      for bad in (np.nan, np.inf, -np.inf)],
     ("two context rows", "Decide", model_pb2.DecideRequest(model="linucb", unit="u", dense=dense(np.zeros((2, 3)))),
      grpc.StatusCode.INVALID_ARGUMENT, "one context row"),
     ("no unit", "Decide", model_pb2.DecideRequest(model="linucb", dense=dense(np.zeros((1, 3)))),
@@ -175,6 +190,19 @@ def test_bad_requests_are_refused_with_a_clear_message(stub, server: Server, cas
     # The server keeps serving.
     ok = stub.Predict(model_pb2.PredictRequest(model="ranker", dense=dense(np.zeros((1, 6)))), timeout=5)
     assert ok.rows == 1
+
+
+@pytest.mark.parametrize("size", [1, 20, PYTHON_CHECK_MAX, PYTHON_CHECK_MAX + 1, 1000])
+def test_all_finite_on_both_sides_of_the_python_threshold(size: int) -> None:
+    x = np.full((1, size), np.finfo(np.float32).max, dtype=np.float32)  # a float32 sum would overflow
+    assert all_finite(x) and all_finite(-x)
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[0, size // 2] = bad
+        assert not all_finite(y)
+    assert not all_finite(np.array([[np.inf, -np.inf]], dtype=np.float32))  # inf - inf is NaN, still caught
+    # Finite float64 values can overflow a sum: other dtypes always take numpy's check.
+    assert all_finite(np.full((1, size), np.finfo(np.float64).max))
 
 
 def test_metrics_per_model_version_and_bandit(stub, server: Server) -> None:

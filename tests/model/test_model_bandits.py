@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from scipy import linalg, stats
@@ -51,54 +53,78 @@ def test_ridge_fit_matches_least_squares(fitted: Fitted) -> None:
         np.testing.assert_allclose(stats_.a_inv[k], np.linalg.inv(z.T @ z + np.eye(z.shape[1])), atol=1e-12)
 
 
-def test_linucb_scores_and_propensities(fitted: Fitted) -> None:
-    _, _, _, st = fitted
-    config = PolicyConfig(policy="linucb", alpha=0.7, floor=0.05)
-    rows = np.random.default_rng(5).normal(size=(500, 3))
-    out = run(build_policy_graph(st, config), rows, [f"d{i}" for i in range(500)], 1)
-    z = np.hstack([rows, np.ones((500, 1))])
-    ucb = z @ st.theta.T + 0.7 * np.sqrt(np.einsum("nd,kde,ne->nk", z, st.a_inv, z))
-    np.testing.assert_allclose(out["scores"], ucb, rtol=1e-5, atol=1e-5)
-    expected = np.full((500, 3), 0.05)
-    expected[np.arange(500), ucb.argmax(axis=1)] = 1 - 2 * 0.05
-    np.testing.assert_allclose(out["probabilities"], expected, atol=1e-6)
-    np.testing.assert_allclose(out["propensity"], expected[np.arange(500), out["arm"]], atol=1e-6)
-
-
-def test_thompson_probabilities_equal_a_numpy_replay_of_the_draws(fitted: Fitted) -> None:
-    _, _, _, st = fitted
-    config = PolicyConfig(policy="thompson", scale=2.0, draws=16, floor=0.01)
-    rows = np.random.default_rng(6).normal(size=(200, 3))
-    ids = [f"t{i}" for i in range(200)]
-    width = config.random_width(3)
-    out = run(build_policy_graph(st, config), rows, ids, width)
-    u = uniforms_for(ids, width).astype(np.float64)
-    z = np.hstack([rows, np.ones((200, 1))])
+def reference(st: LinearArms, config: PolicyConfig, x: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and probabilities as the bandits module docstring defines them, in float64 numpy."""
+    n, n_arms = len(x), st.theta.shape[0]
+    z = np.hstack([x, np.ones((n, 1))])
     mu = z @ st.theta.T
     sd = np.sqrt(np.einsum("nd,kde,ne->nk", z, st.a_inv, z))
-    half = 16 * 3
-    normal = (np.sqrt(-2 * np.log(u[:, 1:1 + half])) * np.cos(2 * np.pi * u[:, 1 + half:])).reshape(200, 16, 3)
-    draws = mu[:, None, :] + 2.0 * sd[:, None, :] * normal
-    share = np.zeros((200, 3))
-    np.add.at(share, (np.repeat(np.arange(200), 16), draws.argmax(axis=2).ravel()), 1 / 16)
-    expected = (1 - 3 * 0.01) * share + 0.01
-    np.testing.assert_allclose(out["probabilities"], expected, atol=1e-5)
-    np.testing.assert_allclose(out["scores"], mu, rtol=1e-5, atol=1e-5)
+
+    def uniform_over_best(scores: np.ndarray) -> np.ndarray:
+        best = (scores == scores.max(axis=-1, keepdims=True)).astype(np.float64)
+        return best / best.sum(axis=-1, keepdims=True)
+
+    if config.policy == "linucb":
+        scores = mu + config.alpha * sd
+        policy = uniform_over_best(scores)
+    elif config.policy == "epsilon-greedy":
+        scores = mu
+        policy = (1 - config.epsilon) * uniform_over_best(mu) + config.epsilon / n_arms
+    else:  # Thompson: the share of M Box-Muller posterior draws each arm wins
+        scores, m = mu, config.draws
+        half = m * n_arms
+        normal = np.sqrt(-2 * np.log(u[:, 1:1 + half])) * np.cos(2 * np.pi * u[:, 1 + half:])
+        draws = mu[:, None, :] + config.scale * sd[:, None, :] * normal.reshape(n, m, n_arms)
+        wins = (draws == draws.max(axis=2, keepdims=True)).sum(axis=1)
+        policy = wins / wins.sum(axis=1, keepdims=True)
+    return scores, (1 - n_arms * config.floor) * policy + config.floor
 
 
-def test_epsilon_greedy_and_untrained_policies(fitted: Fitted) -> None:
-    _, _, _, st = fitted
-    rows = np.random.default_rng(7).normal(size=(300, 3))
-    out = run(build_policy_graph(st, PolicyConfig(policy="epsilon-greedy", epsilon=0.3, floor=0.01)), rows,
+CONFIGS = {"linucb": PolicyConfig(policy="linucb", alpha=0.7, floor=0.05),
+           "thompson": PolicyConfig(policy="thompson", scale=2.0, draws=16, floor=0.01),
+           "epsilon-greedy": PolicyConfig(policy="epsilon-greedy", epsilon=0.3, floor=0.01)}
+
+
+@pytest.mark.parametrize("n_arms", [3, 1])  # PolicyConfig allows one arm (a manifest needs two)
+@pytest.mark.parametrize("policy", list(CONFIGS))
+def test_policies_match_a_numpy_reference(fitted: Fitted, policy: str, n_arms: int) -> None:
+    x, _, rewards, st = fitted
+    if n_arms == 1:
+        st = fit_linear_arms(x, np.zeros(len(x), dtype=np.int64), rewards, 1)
+    config = CONFIGS[policy]
+    rows = np.random.default_rng(5).normal(size=(500, 3))
+    ids = [f"{policy}-{i}" for i in range(500)]
+    u = uniforms_for(ids, config.random_width(n_arms))
+    out = run(build_policy_graph(st, config), rows, ids, config.random_width(n_arms))
+    scores, probabilities = reference(st, config, rows, u.astype(np.float64))
+    np.testing.assert_allclose(out["scores"], scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["probabilities"], probabilities, atol=1e-6)
+    assert (out["probabilities"] >= config.floor - 1e-7).all()
+    # The arm is the inverse-CDF draw with random[:, 0] from the probabilities as served, and its propensity theirs.
+    cdf = np.cumsum(out["probabilities"], axis=1, dtype=np.float32)
+    np.testing.assert_array_equal(out["arm"], np.minimum((cdf < u[:, :1]).sum(axis=1), n_arms - 1))
+    np.testing.assert_array_equal(out["propensity"], out["probabilities"][np.arange(500), out["arm"]])
+    assert out["arm"].dtype == np.int64 and out["arm"].shape == out["propensity"].shape == (500,)
+
+
+@pytest.mark.parametrize(("width", "n_arms"), [(3, 3), (6, 2), (20, 5)])
+@pytest.mark.parametrize("policy", ["linucb", "epsilon-greedy"])
+def test_untrained_policies_explore_uniformly(policy: str, width: int, n_arms: int) -> None:
+    """Before any data every arm ties exactly (graphs built before summed the arms' LinUCB bonus in different
+    orders, so for widths like 6 x 2 or 20 x 5 a rounding difference picked one arm)."""
+    rows = np.random.default_rng(7).normal(size=(300, width)) * 3
+    out = run(build_policy_graph(untrained_arms(width, n_arms), PolicyConfig(policy=policy)), rows,
               [str(i) for i in range(300)], 1)
-    z = np.hstack([rows, np.ones((300, 1))])
-    greedy = (z @ st.theta.T).argmax(axis=1)
-    p = np.full((300, 3), 0.3 / 3)
-    p[np.arange(300), greedy] += 0.7
-    np.testing.assert_allclose(out["probabilities"], 0.97 * p + 0.01, atol=1e-6)
-    # Before any data every arm ties: the policy explores uniformly.
-    untrained = run(build_policy_graph(untrained_arms(3, 3), PolicyConfig()), rows, [str(i) for i in range(300)], 1)
-    np.testing.assert_allclose(untrained["probabilities"], 1 / 3, atol=1e-6)
+    assert (out["probabilities"] == out["probabilities"][:, :1]).all()
+    np.testing.assert_allclose(out["probabilities"], 1 / n_arms, atol=1e-6)
+
+
+def test_policy_graphs_keep_their_node_budget(fitted: Fitted) -> None:
+    """On cold caches every node costs time (bandits module docstring): a graph that grows is a regression."""
+    _, _, _, st = fitted
+    counts = {policy: len(onnx.load_from_string(build_policy_graph(st, config)).graph.node)
+              for policy, config in CONFIGS.items()}
+    assert counts == {"linucb": 18, "thompson": 28, "epsilon-greedy": 13}
 
 
 @pytest.mark.parametrize("policy", ["linucb", "thompson", "epsilon-greedy"])
@@ -133,6 +159,17 @@ def test_decisions_replay_across_sessions(tmp_path: Path) -> None:
         assert len(set(picks)) == 3  # and different ids do explore
     assert published.manifest.random_width == 1 + 2 * 8 * 3
     assert uniforms("x", 5).min() > 0 and uniforms("x", 5).max() < 1
+
+
+@pytest.mark.parametrize(("count", "digest"), [(1, "8ce473ba6f03607a"), (2, "fb6aebc135bfad17"),
+                                              (5, "d56a1a31353727b0"), (16, "6f7d89e5413f8ea5"),
+                                              (17, "3c2cbd98182394a0"), (385, "653f13872db11021")])
+def test_uniforms_never_change(count: int, digest: str) -> None:
+    """The numbers behind every logged decision, pinned on both sides of the scalar/numpy threshold."""
+    rows = uniforms_for([f"pin-{i}" for i in range(200)], count)
+    assert rows.dtype == np.float32 and rows.shape == (200, count)
+    assert hashlib.sha256(rows.astype("<f4").tobytes()).hexdigest()[:16] == digest
+    assert uniforms("d-1", 3).tolist() == [[0.8698577880859375, 0.3725307881832123, 0.4803487956523895]]
 
 
 def test_off_policy_estimates_match_statsmodels_and_cover_the_truth() -> None:
@@ -205,6 +242,7 @@ def test_epsilon_greedy_over_an_xgboost_base_model(tmp_path: Path) -> None:
     base, info = train_reward_model(x, arms, rewards, len(ARMS), params={"n_estimators": 30})
     assert info["base_kind"] == "xgboost-classifier" and info["base_parity_max_abs_diff"] <= 1e-5
     graph = build_policy_graph(None, config, base=base, n_arms=3, width=3)
+    assert len(onnx.load_from_string(graph).graph.node) == 18 + len(onnx.load_from_string(base).graph.node)
     rows = np.random.default_rng(14).normal(size=(50, 3))
     out = run(graph, rows, [str(i) for i in range(50)], 1)
     # Scores are the base model's P(reward) for each (context, arm) pair, run on its own.
