@@ -161,10 +161,12 @@ async def run_single_row(echo_target: str, model_target: str, concurrency: int, 
         def predict_call() -> Awaitable[object]:
             return model[next(counter) % connections].Predict(predict)
 
+        # Built once, like the echo's request: the client's protobuf work is not the server's cost.
+        decide_requests = [model_pb2.DecideRequest(model="bandit", unit=f"u{i}", dense=context) for i in range(1000)]
+
         def decide_call() -> Awaitable[object]:
             n = next(counter)
-            return model[n % connections].Decide(model_pb2.DecideRequest(model="bandit", unit=f"u{n % 1000}",
-                                                                         dense=context))
+            return model[n % connections].Decide(decide_requests[n % 1000])
         return await interleaved({"bare echo": echo_call, "Predict 1 row": predict_call, "Decide": decide_call},
                                  concurrency, calls, rounds, pids)
     finally:
