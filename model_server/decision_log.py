@@ -1,15 +1,17 @@
 """Every Decide lands in the lake's `decisions` table (contract 3), off the request's hot path.
 
 A decision is queued in memory and the queue is handed to the shared `LakeWriter`
-(`append_nowait`) at most every `interval` seconds (5 ms by default) or as soon as `max_batch`
-decisions wait, so many decisions share one JSON encoding, one write-ahead append, one fsync
-and one wake-up of the writer thread, and the call returns without waiting for the disk. The
-gap this leaves is the batching interval plus one fsync (about 5-6 ms): a decision answered in
-that window is lost if the process is SIGKILLed before its fsync. 5 ms rather than 2 ms: each
-hand-over wakes the writer thread, which then competes with the event loop for the GIL; at
-concurrency 32 the longer interval cut Decide's server CPU per call from ~650 to ~560 µs. `durable=True`
-(`--durable-decisions`) closes it by answering only after the record is fsynced, at the cost
-of the fsync latency on every call.
+(`append_nowait`) at most every `interval` seconds (20 ms by default) or as soon as `max_batch`
+decisions wait, so many decisions share one encoding, one write-ahead append, one fsync and one
+wake-up of the writer thread, and the call returns without waiting for the disk. The gap this
+leaves is the batching interval plus one fsync (about 20-21 ms): a decision answered in that
+window is lost if the process is SIGKILLed before its fsync (a SIGTERM drains it). Each hand-over
+costs a fixed ~0.2 ms of the writer thread on cold caches (pyarrow calls, fdatasync) and a GIL
+hand-off with the event loop, so the interval sets the log's CPU: measured with
+`bench.model_server`, 20 ms rather than 5 ms cut Decide's server CPU per call from ~640-660 to
+~550-570 µs at concurrency 1 and from ~470 to ~380 µs at 32 (p50 1.50x -> 1.38x the echo at 1).
+`durable=True` (`--durable-decisions`) closes the gap by answering only after the record is
+fsynced, at the cost of the fsync latency on every call.
 
 Retries of one decision id replay the same arm, so duplicates are identical rows that readers
 drop by `decision_id` (contract 3).
@@ -38,7 +40,7 @@ class Writer(Protocol):
 class DecisionLog:
     """Batches decision records into the lake writer (see the module docstring)."""
 
-    def __init__(self, writer: Writer, durable: bool = False, interval: float = 0.005,
+    def __init__(self, writer: Writer, durable: bool = False, interval: float = 0.020,
                  max_batch: int = 512) -> None:
         self.writer = writer
         self.durable = durable
