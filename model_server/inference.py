@@ -117,8 +117,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model.check_values(feeds[model.input_name], model.input_name)
         if "random" in feeds and model.is_policy:
             r = feeds["random"]
-            if r.shape[0] != feeds[model.input_name].shape[0] or not ((r > 0) & (r < 1)).all():
-                raise invalid("input 'random' needs one row per context row, with values strictly inside (0, 1)",
+            # (0, 1]: the domain of the server's own draws (model_server.randomness), so any logged
+            # decision can be replayed here.
+            if r.shape[0] != feeds[model.input_name].shape[0] or not ((r > 0) & (r <= 1)).all():
+                raise invalid("input 'random' needs one row per context row, with values in (0, 1]",
                               "wrong_shape")
         return feeds
 

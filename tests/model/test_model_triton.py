@@ -122,8 +122,8 @@ def test_typed_contents_and_bad_oip_requests(oip: pb_grpc.GRPCInferenceServiceSt
         (pb.ModelInferRequest(model_name="linucb", inputs=[
             pb.ModelInferRequest.InferInputTensor(name="context", datatype="FP32", shape=[1, 3]),
             pb.ModelInferRequest.InferInputTensor(name="random", datatype="FP32", shape=[1, 1])],
-            raw_input_contents=[np.zeros(3, "<f4").tobytes(), np.ones(1, "<f4").tobytes()]),
-         grpc.StatusCode.INVALID_ARGUMENT, "strictly inside (0, 1)"),
+            raw_input_contents=[np.zeros(3, "<f4").tobytes(), np.zeros(1, "<f4").tobytes()]),
+         grpc.StatusCode.INVALID_ARGUMENT, "with values in (0, 1]"),
         (pb.ModelInferRequest(model_name="ranker", inputs=[pb.ModelInferRequest.InferInputTensor(
             name="input", datatype="FP32", shape=[1, 6])], raw_input_contents=[b"\0" * 8]),
          grpc.StatusCode.INVALID_ARGUMENT, "needs 24 bytes, got 8"),
@@ -136,6 +136,14 @@ def test_typed_contents_and_bad_oip_requests(oip: pb_grpc.GRPCInferenceServiceSt
         with pytest.raises(grpc.RpcError) as err:
             oip.ModelInfer(request_, timeout=5)
         assert err.value.code() == code and message in err.value.details(), err.value.details()
+    # 1.0 is a value the server's own draws can take (once in 2**24), so a logged decision with it replays here.
+    replay = oip.ModelInfer(pb.ModelInferRequest(model_name="linucb", inputs=[
+        pb.ModelInferRequest.InferInputTensor(name="context", datatype="FP32", shape=[1, 3]),
+        pb.ModelInferRequest.InferInputTensor(name="random", datatype="FP32", shape=[1, 1])],
+        raw_input_contents=[np.zeros(3, "<f4").tobytes(), np.ones(1, "<f4").tobytes()],
+        outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in ("arm", "propensity")]))
+    arm = int(np.frombuffer(replay.raw_output_contents[0], dtype="<i8")[0])
+    assert 0 <= arm < 3 and np.frombuffer(replay.raw_output_contents[1], dtype="<f4")[0] > 0
     assert oip.ModelReady(pb.ModelReadyRequest(name="ranker", version="1")).ready
     assert not oip.ModelReady(pb.ModelReadyRequest(name="ranker", version="7")).ready
     with pytest.raises(grpc.RpcError) as err:
