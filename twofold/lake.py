@@ -21,7 +21,9 @@ record of the segment out of the lake), and compaction only concatenates batches
 writer and compactor threads per record, against the JSON frames used before: about the same
 for small commits (12 decisions: 30 -> 28 µs; 12 events: 20 -> 21 µs, where pyarrow's cold
 per-call cost dominates) and less for large ones (100 events: 5.4 -> 4.2 µs). `read_frames`
-still reads JSON frames, so segments left by an older version are recovered.
+still reads JSON frames, so segments left by an older version are recovered; the reverse does
+not hold, so a segment left by a crash of this version must be recovered by this version or a
+later one (a SIGTERM leaves none: closing compacts every segment).
 """
 
 from __future__ import annotations
