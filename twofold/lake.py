@@ -127,13 +127,13 @@ def read_frames(path: Path, schema: pa.Schema) -> Iterator[pa.Table]:
                         extra={"fields": {"segment": str(path), "offset": offset}})
             return
         offset = start + length
-        tag, message = payload[:len(_BATCH_TAG)], pa.py_buffer(payload)[len(_BATCH_TAG):]
+        tag = payload[:len(_BATCH_TAG)]
         if tag == _SCHEMA_TAG:
-            stored = pa.ipc.read_schema(message)
+            stored = pa.ipc.read_schema(pa.py_buffer(payload)[len(_SCHEMA_TAG):])
         elif tag == _BATCH_TAG:
             if stored is None:
                 raise ValueError(f"write-ahead segment {path} has a record batch before its schema")
-            yield pa.Table.from_batches([pa.ipc.read_record_batch(message, stored)])
+            yield pa.Table.from_batches([pa.ipc.read_record_batch(pa.py_buffer(payload)[len(_BATCH_TAG):], stored)])
         else:
             yield pa.Table.from_batches([rows_to_arrow(json.loads(payload), schema)])
 
