@@ -10,10 +10,12 @@ and 5 arms. Printed:
   (goals: p50 <= 1.15x echo, throughput >= 0.85x echo);
 - server CPU time per call (user + system, from /proc, all workers), a figure that a busy shared
   machine distorts far less than wall-clock latency;
+- how many one-row calls the server coalesced into shared runs (it does so only while calls
+  queue; `--coalesce-window-ms 0` turns it off for comparison);
 - Score of 100 candidates: server-side time per call (the server's own handling-time metric,
   mean from its histogram; goal <= 300 µs) and candidate rows scored per second.
 
-    python -m bench.model_server [--calls 20000] [--rounds 10] [--workers 1]
+    python -m bench.model_server [--calls 20000] [--rounds 10] [--workers 1] [--coalesce-window-ms MS]
 """
 
 from __future__ import annotations
@@ -209,21 +211,32 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--connections", type=int, default=0,
                         help="client connections per server (default: 1, or 4 per worker with --workers)")
+    parser.add_argument("--coalesce-window-ms", type=float, default=None,
+                        help="passed to serve-model (default: the server's; 0 runs every call inline)")
     args = parser.parse_args()
     args.connections = args.connections or (1 if args.workers == 1 else 4 * args.workers)
     folder = Path(tempfile.mkdtemp(prefix="twofold-bench-model-"))
     build_repository(folder / "repo")
+    coalescing = [] if args.coalesce_window_ms is None else ["--coalesce-window-ms", str(args.coalesce_window_ms)]
     echo, echo_info = spawn(["serve-echo", "--bare", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1"])
     model, info = spawn(["serve-model", "--repository", str(folder / "repo"), "--lake", str(folder / "lake"),
                          "--workers", str(args.workers), "--host", "127.0.0.1", "--port", "0",
-                         "--metrics-port", "0", "--log-level", "warning"])
+                         "--metrics-port", "0", "--log-level", "warning", *coalescing])
     echo_target, model_target = f"127.0.0.1:{echo_info['port']}", f"127.0.0.1:{info['port']}"
     try:
         table = []
+        joined_runs = "twofold_model_coalesced_run_rows"
+        coalesced: list[str] = []
         for concurrency in (1, 32):
             pids = {"bare echo": echo.pid, "Predict 1 row": model.pid, "Decide": model.pid}
+            before = {m: histogram(info["metrics_port"], joined_runs, m)[1:] for m in ("Predict", "Decide")}
             base, *ours = asyncio.run(run_single_row(echo_target, model_target, concurrency, args.calls,
                                                      args.rounds, pids, args.connections))
+            for method, (rows0, runs0) in before.items():
+                _, rows1, runs1 = histogram(info["metrics_port"], joined_runs, method)
+                mean = (rows1 - rows0) / (runs1 - runs0) if runs1 > runs0 else 0.0
+                coalesced.append(f"{method} at concurrency {concurrency}: {rows1 - rows0:,.0f} calls in "
+                                 f"{runs1 - runs0:,.0f} joined runs (mean {mean:.1f} rows)")
             base_cpu = CPU_PER_CALL[(base.name, concurrency)]
             table.append((base.name, concurrency, base.p50_us, base.p99_us, base.throughput, "1.00x", "1.00x",
                           base_cpu * 1e6, "1.00x"))
@@ -236,6 +249,9 @@ def main() -> None:
               f"{args.calls} calls per row in {args.rounds} interleaved rounds, {args.connections} connection(s)")
         print_table(table, ("call", "conc", "p50 µs", "p99 µs", "calls/s", "p50 vs echo", "tput vs echo",
                             "server CPU µs/call", "CPU vs echo"))
+        print("one-row runs joined by the server's coalescing (model_server.coalescing), warm-up calls included:")
+        for line in coalesced:
+            print(f"  {line}")
 
         handling, model_time = "grpc_server_handling_seconds", "twofold_model_latency_seconds"
         _, s0, c0 = histogram(info["metrics_port"], handling, "Score")

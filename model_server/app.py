@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 
 from model_server import inference, service
+from model_server.coalescing import DEFAULT_MAX_ROWS, DEFAULT_WINDOW_SECONDS, RunCoalescer
 from model_server.decision_log import DecisionLog
 from model_server.repository import ModelRepository, VersionPolicy
 from twofold.server import RunningServer, ServiceSetup
@@ -32,6 +33,9 @@ class ModelServerConfig:
     durable_decisions: bool = False
     lake_compact_interval_s: float = 2.0
     batch_threads: int = 1
+    # Coalescing of one-row runs under saturation (model_server.coalescing); 0 turns it off.
+    coalesce_window_ms: float = DEFAULT_WINDOW_SECONDS * 1000
+    coalesce_max_rows: int = DEFAULT_MAX_ROWS
 
 
 @dataclass
@@ -63,6 +67,8 @@ async def build(config: ModelServerConfig) -> ModelServerParts:
         await asyncio.to_thread(_warm_arrow)
         decisions = DecisionLog(writer, durable=config.durable_decisions)
 
+    coalescer = RunCoalescer(config.coalesce_window_ms / 1000, config.coalesce_max_rows)
+
     async def on_started(running: RunningServer) -> None:
         repository.start_watching()
         log.info("model server ready", extra={"fields": {
@@ -76,6 +82,6 @@ async def build(config: ModelServerConfig) -> ModelServerParts:
             await decisions.close()
 
     setup = ServiceSetup(
-        services=[service.registration(repository, decisions), inference.registration(repository)],
+        services=[service.registration(repository, decisions, coalescer), inference.registration(repository)],
         on_started=on_started, on_stop=on_stop)
     return ModelServerParts(repository, decisions, setup)

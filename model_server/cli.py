@@ -44,7 +44,20 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-threads", type=int, default=int(env_default("batch_threads", "0") or 0),
                    help="ONNX Runtime threads for calls of 64 rows or more (Score); 0: 2 when a core per worker "
                         "is left over, else 1 [TWOFOLD_BATCH_THREADS]")
+    g.add_argument("--coalesce-window-ms", type=float, default=_optional_float(env_default("coalesce_window_ms", None)),
+                   help="while the server is saturated, join concurrent one-row Predict/Decide runs of a model "
+                        "version for up to this long (default 1; 0 turns it off) [TWOFOLD_COALESCE_WINDOW_MS]")
+    g.add_argument("--coalesce-max-rows", type=int, default=_optional_int(env_default("coalesce_max_rows", None)),
+                   help="rows at which a coalesced run starts at once, 2-63 (default 32) [TWOFOLD_COALESCE_MAX_ROWS]")
     add_server_arguments(parser, default_port=DEFAULT_PORT)
+
+
+def _optional_float(text: str | None) -> float | None:
+    return float(text) if text else None
+
+
+def _optional_int(text: str | None) -> int | None:
+    return int(text) if text else None
 
 
 def batch_threads(args: argparse.Namespace) -> int:
@@ -59,10 +72,12 @@ def _serve_one(args: argparse.Namespace) -> int:
     from model_server.version_policy import VersionPolicy
     from twofold.server import ServerSettings, ServiceSetup, run_service
 
+    coalescing = {"coalesce_window_ms": args.coalesce_window_ms, "coalesce_max_rows": args.coalesce_max_rows}
     config = ModelServerConfig(
         repository=args.repository, lake=None if str(args.lake).lower() in ("", "none") else args.lake,
         version_policy=VersionPolicy.parse(args.version_policy), poll_seconds=args.poll_seconds,
-        durable_decisions=args.durable_decisions, batch_threads=batch_threads(args))
+        durable_decisions=args.durable_decisions, batch_threads=batch_threads(args),
+        **{k: v for k, v in coalescing.items() if v is not None})
 
     async def setup(_settings: ServerSettings) -> ServiceSetup:
         return (await build(config)).setup
@@ -80,6 +95,10 @@ def _run_serve(args: argparse.Namespace) -> int:
         problems.append("--workers must be at least 1")
     if args.batch_threads < 0:
         problems.append("--batch-threads must be 0 (automatic) or more")
+    if args.coalesce_window_ms is not None and not 0 <= args.coalesce_window_ms <= 100:
+        problems.append("--coalesce-window-ms must be between 0 (off) and 100")
+    if args.coalesce_max_rows is not None and not 2 <= args.coalesce_max_rows <= 63:
+        problems.append("--coalesce-max-rows must be between 2 and 63 (runs of 64 rows go to the batch session)")
     try:
         from model_server.version_policy import VersionPolicy
 

@@ -28,6 +28,9 @@ LATENCY = loop_metrics.histogram("twofold_model_latency_seconds", "Time inside t
                                  ("model", "version", "method"), buckets=MODEL_LATENCY_BUCKETS)
 BATCH_SIZE = loop_metrics.histogram("twofold_model_batch_size", "Rows per call.", ("model", "method"),
                                     buckets=BATCH_BUCKETS)
+RUN_ROWS = loop_metrics.histogram(
+    "twofold_model_coalesced_run_rows", "Rows per ONNX Runtime run of coalesced one-row calls.",
+    ("model", "method"), buckets=BATCH_BUCKETS)
 LOADED_VERSIONS = Gauge("twofold_model_loaded_versions", "Versions loaded and serving.", ("model",),
                         multiprocess_mode="livemax")
 LOAD_FAILURES = Counter("twofold_model_load_failures", "Refused or broken versions.", ("model",))
@@ -36,6 +39,7 @@ PROPENSITY = loop_metrics.histogram("twofold_bandit_propensity", "Propensity of 
                                     buckets=PROPENSITY_BUCKETS)
 
 METHODS = ("Predict", "Score", "Decide", "ModelInfer")
+COALESCED_METHODS = ("Predict", "Decide")
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class VersionMetrics:
         self.version = version
         self.methods = {m: MethodMetrics(REQUESTS.labels(model, version, m), LATENCY.labels(model, version, m),
                                          BATCH_SIZE.labels(model, m)) for m in METHODS}
+        self.run_rows = {m: RUN_ROWS.labels(model, m) for m in COALESCED_METHODS}
         self.decisions = [DECISIONS.labels(model, version, arm) for arm in arms]
         self.propensity = PROPENSITY.labels(model)
         self._failures: dict[str, Counter] = {}

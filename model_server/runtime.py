@@ -33,7 +33,7 @@ import onnxruntime as ort
 from model_server.errors import invalid
 from model_server.manifest import MODEL_FILE, Manifest, ManifestError
 from model_server.metrics import VersionMetrics
-from model_server.randomness import uniforms
+from model_server.randomness import uniforms, uniforms_for
 
 POLICY_OUTPUTS = ("scores", "probabilities", "arm", "propensity")
 _ORT_TO_OIP = {"tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(int64)": "INT64",
@@ -225,6 +225,15 @@ class LoadedModel:
         """Per-arm scores, the chosen arm's index and its propensity, for one context row."""
         scores, arm, propensity = self.session.run(_DECIDE_OUTPUTS, self._policy_feeds(x, decision_id), _RUN_OPTIONS)
         return scores[0], arm.item(), propensity.item()
+
+    def decide_rows(self, x: np.ndarray, decision_ids: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`decide` for several context rows at once: scores `(rows, arms)`, arms and propensities `(rows,)`.
+
+        Below BATCH_ROWS rows each row's outputs are exactly those `decide` gives it alone.
+        """
+        feeds = {self.input_name: x, "random": uniforms_for(decision_ids, self.manifest.random_width)}
+        scores, arm, propensity = self.session.run(_DECIDE_OUTPUTS, feeds, _RUN_OPTIONS)
+        return scores, arm.reshape(-1), propensity.reshape(-1)
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None) -> list[np.ndarray]:
         """Run the raw graph (Open Inference Protocol)."""

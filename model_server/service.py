@@ -1,8 +1,10 @@
 """The `twofold.model.v1.ModelService` servicer: Predict, Score, Decide, ListModels.
 
 Thin on purpose (the MLServer way): it resolves the model version once, validates the input
-through the version's `LoadedModel`, runs ONNX Runtime inline on the event loop (a row costs
-microseconds; a thread hop would cost more) and shapes the response. Every refusal carries a
+through the version's `LoadedModel`, runs ONNX Runtime on the event loop (a row costs
+microseconds; a thread hop would cost more) and shapes the response. One-row Predict and Decide
+runs go through a `RunCoalescer`, which runs them inline unless the server is saturated, and then
+joins concurrent ones into one run (see `model_server.coalescing`). Every refusal carries a
 status and a message saying what was wrong, and is counted by reason.
 """
 
@@ -15,6 +17,7 @@ import time
 import grpc
 import numpy as np
 
+from model_server.coalescing import RunCoalescer
 from model_server.decision_log import DecisionLog
 from model_server.errors import RequestError, invalid
 from model_server.metrics import count_failure
@@ -64,9 +67,11 @@ async def internal(context: grpc.aio.ServicerContext, exc: Exception, model_name
 class ModelServicer(model_pb2_grpc.ModelServiceServicer):
     """Serves the models of one repository; logs decisions when given a decision log."""
 
-    def __init__(self, repository: ModelRepository, decisions: DecisionLog | None = None) -> None:
+    def __init__(self, repository: ModelRepository, decisions: DecisionLog | None = None,
+                 coalescer: RunCoalescer | None = None) -> None:
         self.repository = repository
         self.decisions = decisions
+        self.coalescer = coalescer if coalescer is not None else RunCoalescer(window_seconds=0)
 
     async def Predict(self, request: model_pb2.PredictRequest,
                       context: grpc.aio.ServicerContext) -> model_pb2.PredictResponse:
@@ -83,7 +88,8 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                 raise invalid("Predict needs `dense` rows or `named` features", "missing_input")
             metrics = model.metrics.methods["Predict"]
             t0 = _perf()
-            out = model.predict(x)
+            joined = self.coalescer.predict(model, x) if x.shape[0] == 1 else None
+            out = model.predict(x) if joined is None else await joined
             metrics.latency.observe(_perf() - t0)
             metrics.requests.inc()
             metrics.batch.observe(x.shape[0])
@@ -156,7 +162,8 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             decision_id = request.decision_id or new_decision_id()
             metrics = model.metrics.methods["Decide"]
             t0 = _perf()
-            scores, arm, propensity = model.decide(x, decision_id)
+            joined = self.coalescer.decide(model, x, decision_id)
+            scores, arm, propensity = model.decide(x, decision_id) if joined is None else await joined
             metrics.latency.observe(_perf() - t0)
             metrics.requests.inc()
             model.metrics.decisions[arm].inc()
@@ -187,6 +194,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         return response
 
 
-def registration(repository: ModelRepository, decisions: DecisionLog | None = None) -> ServiceRegistration:
-    return ServiceRegistration(SERVICE_NAME, ModelServicer(repository, decisions),
+def registration(repository: ModelRepository, decisions: DecisionLog | None = None,
+                 coalescer: RunCoalescer | None = None) -> ServiceRegistration:
+    return ServiceRegistration(SERVICE_NAME, ModelServicer(repository, decisions, coalescer),
                                model_pb2_grpc.add_ModelServiceServicer_to_server)
