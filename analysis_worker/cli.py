@@ -34,7 +34,8 @@ def _configure_analyze(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=["table", "json"], default="table", help="what to print on stdout")
     parser.add_argument("--sql", choices=["duckdb", "spark", "bigquery", "trino"],
                         help="print the sufficient-statistics SQL in this dialect and exit")
-    parser.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: all cores)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="DuckDB threads (default: the cores DuckDB sees, plus one)")
     parser.add_argument("--memory-limit", default=env_default("analysis_memory_limit", None),
                         help="DuckDB memory limit, e.g. 3GB; beyond it DuckDB spills to disk "
                              "[TWOFOLD_ANALYSIS_MEMORY_LIMIT, default 80%% of RAM]")
@@ -137,7 +138,8 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
                         help="recompute every experiment this often, e.g. 15m, 1h [TWOFOLD_EVERY]")
     parser.add_argument("--out", default=env_default("results_dir", None),
                         help="also write <experiment>.json/.html here after each computation [TWOFOLD_RESULTS_DIR]")
-    parser.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: all cores)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="DuckDB threads (default: the cores DuckDB sees, plus one)")
     parser.add_argument("--memory-limit", default=env_default("analysis_memory_limit", None),
                         help="DuckDB memory limit, e.g. 3GB [TWOFOLD_ANALYSIS_MEMORY_LIMIT]")
     add_server_arguments(parser, default_port=DEFAULT_PORT)

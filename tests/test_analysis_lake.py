@@ -381,3 +381,17 @@ def test_cli_stats_prints_the_results_document() -> None:
     assert bad.returncode == 2 and "correction" in bad.stderr and "Traceback" not in bad.stderr
     bad = _twofold("stats", "-", stdin="{not json")
     assert bad.returncode == 2 and "not valid JSON" in bad.stderr
+
+
+def test_duckdb_runs_one_thread_more_than_its_default_unless_told(tmp_path: Path) -> None:
+    import duckdb
+
+    cores = duckdb.connect().execute("SELECT current_setting('threads')").fetchone()[0]
+    tables = open_lake(tmp_path)
+    told = open_lake(tmp_path, threads=1)
+    try:
+        assert tables.connection.execute("SELECT current_setting('threads')").fetchone()[0] == cores + 1
+        assert told.connection.execute("SELECT current_setting('threads')").fetchone()[0] == 1
+    finally:
+        tables.connection.close()
+        told.connection.close()

@@ -28,11 +28,14 @@ def test_serve_model_refuses_bad_arguments(tmp_path: Path) -> None:
     missing = twofold("serve-model", "--port", "0")
     assert missing.returncode == 2 and "--repository is required" in missing.stderr
     result = twofold("serve-model", "--repository", str(tmp_path / "nope"), "--workers", "0",
-                     "--version-policy", "newest", "--batch-threads", "-1")
+                     "--version-policy", "newest", "--batch-threads", "-1", "--coalesce-window-ms", "-1",
+                     "--coalesce-max-rows", "64")
     assert result.returncode == 2
     assert "is not a folder" in result.stderr and "--workers must be at least 1" in result.stderr
     assert "version policy must be" in result.stderr
     assert "--batch-threads must be 0 (automatic) or more" in result.stderr
+    assert "--coalesce-window-ms must be between 0 (off) and 100" in result.stderr
+    assert "--coalesce-max-rows must be between 2 and 63" in result.stderr
 
 
 def test_batch_threads_default_leaves_a_core_per_worker() -> None:
