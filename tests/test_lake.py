@@ -262,3 +262,46 @@ def test_everything_acknowledged_survives_sigkill_exactly_once(tmp_path: Path) -
     for path in tmp_path.glob("events/*/*.parquet"):
         pq.read_metadata(path)
     assert not list(tmp_path.glob("events/*/.*.tmp"))
+
+
+def test_a_failed_write_moves_to_a_new_segment_even_an_empty_one(tmp_path: Path) -> None:
+    """A write error (here: the segment's descriptor closed under the writer) fails that append;
+    the next one goes to a fresh segment. Before, an empty segment was kept after a failed write,
+    so every later append failed on the same broken file."""
+    writer = LakeWriter(tmp_path, "events", compact_interval_s=60)
+    writer.start_sync()
+    try:
+        broken = writer._segment
+        assert broken is not None and broken.records == 0
+        os.close(broken.fd)
+        with pytest.raises(OSError):
+            writer.append_sync([_event(1)])
+        writer.append_sync([_event(2)])
+        writer.flush_sync()
+        assert sorted(iter_ids(tmp_path, "events")) == ["e2"]
+        assert not broken.path.exists()  # the empty broken segment was dropped, not compacted
+        assert writer._writer is not None and writer._writer.is_alive()
+    finally:
+        writer.close_sync()
+
+
+def test_the_writer_survives_a_vanished_write_ahead_directory(tmp_path: Path) -> None:
+    """If the next segment cannot be opened (directory gone, disk full), appends fail with the
+    error instead of waiting forever, and they succeed again once the disk is back."""
+    import shutil
+
+    writer = LakeWriter(tmp_path, "events", compact_interval_s=60)
+    writer.start_sync()
+    try:
+        writer.append_sync([_event(1)])
+        shutil.rmtree(writer.wal_dir)  # e1's segment goes with it: an operator's mistake
+        writer.flush_sync()  # rotation: compaction of e1 and the next segment's open both fail
+        with pytest.raises(FileNotFoundError):
+            writer.append_sync([_event(2)], timeout=10)
+        writer.wal_dir.mkdir(parents=True)
+        writer.append_sync([_event(3)], timeout=10)
+        writer.flush_sync()
+        assert sorted(iter_ids(tmp_path, "events")) == ["e3"]
+        assert writer._writer is not None and writer._writer.is_alive()
+    finally:
+        writer.close_sync()

@@ -347,33 +347,56 @@ class LakeWriter:
         self._seq += 1
         path = self.wal_dir / f"{self._seq:012d}.wal"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self._fsync_dir(self.wal_dir)
-        # The schema frame becomes durable with the segment's first commit (fdatasync covers it).
-        header = self._schema_frame
-        if os.write(fd, header) != len(header):
+        try:
+            self._fsync_dir(self.wal_dir)
+            # The schema frame becomes durable with the segment's first commit (fdatasync covers it).
+            header = self._schema_frame
+            if os.write(fd, header) != len(header):
+                raise OSError(f"short write of the schema frame to {path}")
+        except BaseException:
             os.close(fd)
-            raise OSError(f"short write of the schema frame to {path}")
+            raise
         self._segment = _Segment(path=path, fd=fd, opened_at=time.monotonic(), size=len(header))
 
-    def _rotate(self) -> None:
-        """Close the active segment (if it holds anything) and hand it to the compactor."""
+    def _rotate(self, *, force: bool = False) -> None:
+        """Close the active segment, hand it to the compactor if it holds records, open the next.
+
+        An empty segment is kept unless `force` (after a failed write, whose partial frame would
+        hide later frames from readers). Raises OSError when the next segment cannot be opened
+        (disk full, directory gone); the writer then has no segment, and the next commit tries
+        again or fails its own appends: the write-ahead thread never stops on a disk error.
+        """
         segment = self._segment
-        assert segment is not None
-        if segment.records == 0:
-            return
-        os.close(segment.fd)
-        closed = _ClosedSegment(segment.path, segment.size, segment.first_record_at)
-        with self._state_lock:
-            self._pending_segments.append(closed)
-        self._compact_queue.put(closed)
+        if segment is not None:
+            if segment.records == 0 and not force:
+                return
+            self._segment = None
+            with contextlib.suppress(OSError):  # its records were fsynced when committed
+                os.close(segment.fd)
+            if segment.records:
+                closed = _ClosedSegment(segment.path, segment.size, segment.first_record_at)
+                with self._state_lock:
+                    self._pending_segments.append(closed)
+                self._compact_queue.put(closed)
+            else:
+                with contextlib.suppress(OSError):
+                    segment.path.unlink()
         self._open_segment()
+
+    def _rotate_or_log(self, *, force: bool = False) -> None:
+        try:
+            self._rotate(force=force)
+        except OSError as exc:
+            WRITE_FAILURES.labels(self.table).inc()
+            log.error("cannot open a write-ahead segment; the next append retries",
+                      extra={"fields": {"table": self.table, "error": str(exc)}})
 
     def _write_loop(self) -> None:
         stopping = False
         while not stopping:
             segment = self._segment
-            assert segment is not None
-            timeout = max(0.01, self.compact_interval_s - (time.monotonic() - segment.opened_at))
+            opened_at = segment.opened_at if segment is not None else time.monotonic()
+            timeout = max(0.01, self.compact_interval_s - (time.monotonic() - opened_at))
             batch: list[_Pending] = []
             try:
                 item = self._queue.get(timeout=timeout)
@@ -386,11 +409,12 @@ class LakeWriter:
             except queue.Empty:
                 pass
             self._commit(batch)
-            age = time.monotonic() - segment.opened_at
+            segment = self._segment
             barrier = any(p.count == 0 for p in batch)
-            if stopping or barrier or age >= self.compact_interval_s or segment.size >= self.segment_max_bytes:
-                self._rotate()
-                if not self._segment or self._segment is segment:
+            if segment is not None and (stopping or barrier or segment.size >= self.segment_max_bytes
+                                        or time.monotonic() - segment.opened_at >= self.compact_interval_s):
+                self._rotate_or_log()
+                if self._segment is segment:  # empty, kept: its age starts again
                     segment.opened_at = time.monotonic()
             self._update_gauges()
             # Barriers (flush) complete only after the rotation above queued their segment.
@@ -423,6 +447,16 @@ class LakeWriter:
             writes = accepted
         if not writes:
             return
+        if self._segment is None:
+            try:
+                self._open_segment()
+            except OSError as exc:
+                WRITE_FAILURES.labels(self.table).inc()
+                log.error("cannot open a write-ahead segment; appends fail", extra={"fields": {
+                    "table": self.table, "error": str(exc)}})
+                for p in writes:
+                    p.future.set_exception(exc)
+                return
         segment = self._segment
         assert segment is not None
         data = b"".join(frames)
@@ -437,7 +471,7 @@ class LakeWriter:
             for p in writes:
                 p.future.set_exception(exc)
             # A partial frame may be on disk: start a fresh segment so later frames stay readable.
-            self._rotate()
+            self._rotate_or_log(force=True)
             return
         segment.size += len(data)
         self.commits += 1
