@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from twofold.lake import TABLE_SCHEMAS
+from twofold.lake import TABLE_SCHEMAS, write_parquet
 
 DAY_US = 86_400_000_000
 # Event mix per unit activity: name, share of events, has a value.
@@ -66,7 +65,7 @@ def _write_by_day(root: Path, table: str, columns: dict[str, pa.Array], ts_us: n
         date = (dt.datetime(1970, 1, 1) + dt.timedelta(days=int(day_sorted[lo]))).date().isoformat()
         folder = root / table / f"date={date}"
         folder.mkdir(parents=True, exist_ok=True)
-        pq.write_table(whole.slice(int(lo), int(hi - lo)), folder / f"{part}.parquet", compression="zstd")
+        write_parquet(whole.slice(int(lo), int(hi - lo)), folder / f"{part}.parquet", table)
 
 
 def write_synthetic_lake(root: str | os.PathLike[str], *, exposures: int = 10_000_000, events: int = 30_000_000,

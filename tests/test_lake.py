@@ -305,3 +305,19 @@ def test_the_writer_survives_a_vanished_write_ahead_directory(tmp_path: Path) ->
         assert writer._writer is not None and writer._writer.is_alive()
     finally:
         writer.close_sync()
+
+
+def test_parquet_dictionary_encodes_only_the_repeating_columns(tmp_path: Path) -> None:
+    writer = LakeWriter(tmp_path, "events", compact_interval_s=60)
+    writer.start_sync()
+    try:
+        writer.append_sync([_event(i) for i in range(50)])
+        writer.flush_sync()
+    finally:
+        writer.close_sync()
+    (path,) = (tmp_path / "events").glob("date=*/*.parquet")
+    group = pq.ParquetFile(path).metadata.row_group(0)
+    encodings = {group.column(i).path_in_schema: group.column(i).encodings for i in range(group.num_columns)}
+    assert "RLE_DICTIONARY" in encodings["name"]
+    for column in ("event_id", "unit", "ts", "value"):
+        assert "RLE_DICTIONARY" not in encodings[column] and "PLAIN" in encodings[column], column
