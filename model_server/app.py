@@ -33,7 +33,7 @@ class ModelServerConfig:
     durable_decisions: bool = False
     lake_compact_interval_s: float = 2.0
     batch_threads: int = 1
-    # Coalescing of one-row runs under saturation (model_server.coalescing); 0 turns it off.
+    # One-row runs joined while calls queue (model_server.coalescing); a window of 0 turns it off.
     coalesce_window_ms: float = DEFAULT_WINDOW_SECONDS * 1000
     coalesce_max_rows: int = DEFAULT_MAX_ROWS
 

@@ -45,7 +45,7 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
                    help="ONNX Runtime threads for calls of 64 rows or more (Score); 0: 2 when a core per worker "
                         "is left over, else 1 [TWOFOLD_BATCH_THREADS]")
     g.add_argument("--coalesce-window-ms", type=float, default=_optional_float(env_default("coalesce_window_ms", None)),
-                   help="while the server is saturated, join concurrent one-row Predict/Decide runs of a model "
+                   help="while calls queue, join concurrent one-row Predict/Decide runs of a model "
                         "version for up to this long (default 1; 0 turns it off) [TWOFOLD_COALESCE_WINDOW_MS]")
     g.add_argument("--coalesce-max-rows", type=int, default=_optional_int(env_default("coalesce_max_rows", None)),
                    help="rows at which a coalesced run starts at once, 2-63 (default 32) [TWOFOLD_COALESCE_MAX_ROWS]")

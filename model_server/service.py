@@ -3,7 +3,7 @@
 Thin on purpose (the MLServer way): it resolves the model version once, validates the input
 through the version's `LoadedModel`, runs ONNX Runtime on the event loop (a row costs
 microseconds; a thread hop would cost more) and shapes the response. One-row Predict and Decide
-runs go through a `RunCoalescer`, which runs them inline unless the server is saturated, and then
+runs go through a `RunCoalescer`, which runs them inline unless calls are queueing, and then
 joins concurrent ones into one run (see `model_server.coalescing`). Every refusal carries a
 status and a message saying what was wrong, and is counted by reason.
 """
