@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime as dt
 import json
 import os
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -24,6 +26,17 @@ from twofold.lake import TABLE_SCHEMAS, LakeWriter, _Pending, iter_ids, read_fra
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@contextlib.contextmanager
+def running_writer(root: Path) -> Iterator[LakeWriter]:
+    """An events writer, started, and closed (compacting what it holds) when the block ends."""
+    writer = LakeWriter(root, "events", compact_interval_s=60)
+    writer.start_sync()
+    try:
+        yield writer
+    finally:
+        writer.close_sync()
+
+
 def _event(i: int, day: int = 1) -> dict:
     return {"event_id": f"e{i}", "ts": dt.datetime(2026, 11, day, 12, 0, tzinfo=dt.UTC) + dt.timedelta(seconds=i),
             "unit": f"u{i % 7}", "name": "purchase", "value": float(i) if i % 3 else None,
@@ -31,9 +44,7 @@ def _event(i: int, day: int = 1) -> dict:
 
 
 def test_append_flush_and_read_back_with_contract_schema(tmp_path: Path) -> None:
-    writer = LakeWriter(tmp_path, "events", compact_interval_s=60)
-    writer.start_sync()
-    try:
+    with running_writer(tmp_path) as writer:
         writer.append_sync([_event(i, day=1) for i in range(10)])
         writer.append_sync([_event(i, day=2) for i in range(10, 15)])
         writer.flush_sync()
@@ -49,8 +60,6 @@ def test_append_flush_and_read_back_with_contract_schema(tmp_path: Path) -> None
         # Nothing is left in the write-ahead log once flushed.
         assert not list(writer.wal_dir.glob("*.wal")) or all(
             not list(read_frames(p, TABLE_SCHEMAS["events"])) for p in writer.wal_dir.glob("*.wal"))
-    finally:
-        writer.close_sync()
 
 
 def test_duckdb_reads_the_hive_layout_without_our_code(tmp_path: Path) -> None:
@@ -69,9 +78,7 @@ def test_duckdb_reads_the_hive_layout_without_our_code(tmp_path: Path) -> None:
 
 
 def test_concurrent_appends_share_fsyncs(tmp_path: Path) -> None:
-    writer = LakeWriter(tmp_path, "events", compact_interval_s=60)
-    writer.start_sync()
-    try:
+    with running_writer(tmp_path) as writer:
         futures = []
         lock = threading.Lock()
 
@@ -92,14 +99,10 @@ def test_concurrent_appends_share_fsyncs(tmp_path: Path) -> None:
         assert writer.commits < 400  # group commit: several appends per fsync
         writer.flush_sync()
         assert read_table(tmp_path, "events").num_rows == 400
-    finally:
-        writer.close_sync()
 
 
 def test_invalid_records_fail_their_own_call_only(tmp_path: Path) -> None:
-    writer = LakeWriter(tmp_path, "events", compact_interval_s=60)
-    writer.start_sync()
-    try:
+    with running_writer(tmp_path) as writer:
         with pytest.raises(ValueError, match="event_id and ts are required"):
             writer.append_sync([{"ts": 1}])
         with pytest.raises(ValueError, match="unknown columns"):
@@ -116,8 +119,6 @@ def test_invalid_records_fail_their_own_call_only(tmp_path: Path) -> None:
         writer.append_sync([_event(3)])
         writer.flush_sync()
         assert read_table(tmp_path, "events")["event_id"].to_pylist() == ["e3"]
-    finally:
-        writer.close_sync()
     with pytest.raises(ValueError, match="unknown lake table"):
         LakeWriter(tmp_path, "nope")
 
@@ -268,9 +269,7 @@ def test_a_failed_write_moves_to_a_new_segment_even_an_empty_one(tmp_path: Path)
     """A write error (here: the segment's descriptor closed under the writer) fails that append;
     the next one goes to a fresh segment. Before, an empty segment was kept after a failed write,
     so every later append failed on the same broken file."""
-    writer = LakeWriter(tmp_path, "events", compact_interval_s=60)
-    writer.start_sync()
-    try:
+    with running_writer(tmp_path) as writer:
         broken = writer._segment
         assert broken is not None and broken.records == 0
         os.close(broken.fd)
@@ -281,8 +280,6 @@ def test_a_failed_write_moves_to_a_new_segment_even_an_empty_one(tmp_path: Path)
         assert sorted(iter_ids(tmp_path, "events")) == ["e2"]
         assert not broken.path.exists()  # the empty broken segment was dropped, not compacted
         assert writer._writer is not None and writer._writer.is_alive()
-    finally:
-        writer.close_sync()
 
 
 def test_the_writer_survives_a_vanished_write_ahead_directory(tmp_path: Path) -> None:
@@ -290,9 +287,7 @@ def test_the_writer_survives_a_vanished_write_ahead_directory(tmp_path: Path) ->
     error instead of waiting forever, and they succeed again once the disk is back."""
     import shutil
 
-    writer = LakeWriter(tmp_path, "events", compact_interval_s=60)
-    writer.start_sync()
-    try:
+    with running_writer(tmp_path) as writer:
         writer.append_sync([_event(1)])
         shutil.rmtree(writer.wal_dir)  # e1's segment goes with it: an operator's mistake
         writer.flush_sync()  # rotation: compaction of e1 and the next segment's open both fail
@@ -303,18 +298,12 @@ def test_the_writer_survives_a_vanished_write_ahead_directory(tmp_path: Path) ->
         writer.flush_sync()
         assert sorted(iter_ids(tmp_path, "events")) == ["e3"]
         assert writer._writer is not None and writer._writer.is_alive()
-    finally:
-        writer.close_sync()
 
 
 def test_parquet_dictionary_encodes_only_the_repeating_columns(tmp_path: Path) -> None:
-    writer = LakeWriter(tmp_path, "events", compact_interval_s=60)
-    writer.start_sync()
-    try:
+    with running_writer(tmp_path) as writer:
         writer.append_sync([_event(i) for i in range(50)])
         writer.flush_sync()
-    finally:
-        writer.close_sync()
     (path,) = (tmp_path / "events").glob("date=*/*.parquet")
     group = pq.ParquetFile(path).metadata.row_group(0)
     encodings = {group.column(i).path_in_schema: group.column(i).encodings for i in range(group.num_columns)}
