@@ -7,11 +7,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from assignment_server.resolver import InMemoryMaterializations, MaterializationStore, SqliteMaterializations
 from assignment_server.service import SERVICE_NAME, FlagResolverServicer, add_to_server
 from assignment_server.state_source import StateSource
 from assignment_server.tokens import TokenCodec, load_key
 from twofold.lake import LakeWriter
+from twofold.resolver import InMemoryMaterializations, MaterializationStore, SqliteMaterializations
 from twofold.server import RunningServer, ServiceRegistration, ServiceSetup
 from twofold.settings import ServerSettings
 

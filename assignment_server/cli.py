@@ -40,7 +40,7 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from assignment_server.app import build_setup
     from assignment_server.authoring.errors import FlagFileError
-    from assignment_server.resolver import StateError
+    from twofold.resolver import StateError
     from twofold.server import run_service
 
     try:
@@ -74,7 +74,7 @@ def _configure_flags(parser: argparse.ArgumentParser) -> None:
 def _run_flags(args: argparse.Namespace) -> int:
     from assignment_server.authoring.compiler import LOCK_FILE, compile_folder
     from assignment_server.authoring.errors import FlagFileError
-    from assignment_server.resolver import ResolverState, StateError
+    from twofold.resolver import ResolverState, StateError
 
     try:
         result = compile_folder(args.dir)
@@ -127,7 +127,7 @@ def _configure_conformance(parser: argparse.ArgumentParser) -> None:
 def _run_conformance(args: argparse.Namespace) -> int:
     from assignment_server.authoring.compiler import load_flag_source
     from assignment_server.conformance import load_cases, run_case
-    from assignment_server.resolver import ResolverState
+    from twofold.resolver import ResolverState
 
     try:
         state_bytes, _ = load_flag_source(args.state)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from assignment_server.resolver import InMemoryMaterializations, ResolveError, Resolver, ResolverState
+from twofold.resolver import InMemoryMaterializations, ResolveError, Resolver, ResolverState
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,13 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 from prometheus_client import Counter
 
-from assignment_server.resolver import (
+from assignment_server.state_source import Served, StateSource
+from assignment_server.tokens import InvalidTokenError, TokenAssignment, TokenCodec, new_token
+from protos.twofold.assignment.v1 import assignment_pb2 as pb
+from protos.twofold.assignment.v1 import assignment_pb2_grpc as pb_grpc
+from twofold import loop_metrics
+from twofold.lake import LakeWriter
+from twofold.resolver import (
     MAX_FLAGS_PER_RESOLVE,
     STATE_MEDIA_TYPE,
     MaterializationStore,
@@ -32,13 +38,7 @@ from assignment_server.resolver import (
     Resolver,
     TooManyFlagsError,
 )
-from assignment_server.resolver.state import Client
-from assignment_server.state_source import Served, StateSource
-from assignment_server.tokens import InvalidTokenError, TokenAssignment, TokenCodec, new_token
-from protos.twofold.assignment.v1 import assignment_pb2 as pb
-from protos.twofold.assignment.v1 import assignment_pb2_grpc as pb_grpc
-from twofold import loop_metrics
-from twofold.lake import LakeWriter
+from twofold.resolver.state import Client
 from twofold.structs import struct_to_dict
 
 log = logging.getLogger("twofold.assignment")

@@ -21,8 +21,8 @@ from prometheus_client import Counter, Gauge
 
 from assignment_server.authoring.compiler import LOCK_FILE, load_flag_source
 from assignment_server.authoring.errors import FlagFileError
-from assignment_server.resolver import ResolverState, StateError
 from twofold import waiting
+from twofold.resolver import ResolverState, StateError
 
 log = logging.getLogger("twofold.assignment.state")
 

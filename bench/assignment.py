@@ -77,7 +77,7 @@ def bench_in_process(root: Path, quick: bool) -> None:
     from growthbook import GrowthBook
 
     from assignment_server.authoring.compiler import DEFAULT_CLIENT_SECRET, compile_folder
-    from assignment_server.resolver import Resolver, ResolverState
+    from twofold.resolver import Resolver, ResolverState
 
     resolver = Resolver(ResolverState.from_json(compile_folder(_flags_dir(root)).state_json()))
     units = [f"user-{i}" for i in range(2000)]

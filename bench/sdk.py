@@ -35,12 +35,12 @@ import numpy as np
 from bench.common import LoadResult, measure, print_table
 from client_sdk import AsyncClient, Client, ClientOptions
 from client_sdk.convert import dense_rows, now_timestamp, python_to_struct
-from client_sdk.demo import world
-from client_sdk.demo.processes import ServerGroup
-from client_sdk.demo.train import train_systems
 from protos.twofold.assignment.v1 import assignment_pb2 as apb
 from protos.twofold.assignment.v1 import assignment_pb2_grpc
 from protos.twofold.model.v1 import model_pb2, model_pb2_grpc
+from twofold.demo import world
+from twofold.demo.processes import ServerGroup
+from twofold.demo.train import train_systems
 
 SECRET = "bench-secret"
 FLAGS = """\

@@ -61,7 +61,7 @@ class LocalState:
     def load(self, snapshot: apb.StateSnapshot) -> bool:
         """Compile and swap in `snapshot`; a state that fails to load leaves the previous one serving."""
         # Imported here: only local evaluation needs the resolver (and its mmh3 dependency).
-        from assignment_server.resolver import STATE_MEDIA_TYPE, Resolver, ResolverState
+        from twofold.resolver import STATE_MEDIA_TYPE, Resolver, ResolverState
 
         try:
             if snapshot.format and snapshot.format != STATE_MEDIA_TYPE:

@@ -10,8 +10,8 @@ import pytest
 
 from assignment_server.authoring.compiler import DEFAULT_CLIENT_SECRET, compile_folder, load_flag_source
 from assignment_server.authoring.errors import FlagFileError
-from assignment_server.resolver import Reason, Resolver, ResolverState
 from tests.spec_data import CONFORMANCE_DIR
+from twofold.resolver import Reason, Resolver, ResolverState
 
 ROOT = Path(__file__).resolve().parent.parent
 

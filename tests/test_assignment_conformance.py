@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from assignment_server.conformance import load_cases, run_case
-from assignment_server.resolver import ResolverState, allocation_bucket, allocation_salt, bucket
 from tests.spec_data import CONFORMANCE_DIR
+from twofold.resolver import ResolverState, allocation_bucket, allocation_salt, bucket
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,7 @@ def test_conformance_command_reports_and_fails_on_a_broken_expectation(tmp_path:
 
 def test_resolver_core_imports_without_grpc_or_server_code() -> None:
     """The SDK evaluates locally with the core: it must not drag in gRPC, protobuf or the server."""
-    code = ("import sys, assignment_server.resolver\n"
+    code = ("import sys, twofold.resolver\n"
             "heavy = [m for m in ('grpc', 'google.protobuf', 'assignment_server.service', 'numpy', 'yaml')"
             " if m in sys.modules]\n"
             "print(heavy)\n")
@@ -73,7 +73,7 @@ def _as_protobuf_json(spec: dict) -> dict:
     import base64
     import gzip
 
-    from assignment_server.resolver import Bitset
+    from twofold.resolver import Bitset
 
     bitsets = []
     for segment, value in spec["bitsets"].items():

@@ -112,7 +112,7 @@ def test_same_variant_in_another_process(tmp_path: Path) -> None:
     code = (
         "import json,sys\n"
         "from assignment_server.authoring.compiler import compile_folder, DEFAULT_CLIENT_SECRET\n"
-        "from assignment_server.resolver import Resolver, ResolverState\n"
+        "from twofold.resolver import Resolver, ResolverState\n"
         f"r = Resolver(ResolverState.from_json(compile_folder({str(EXAMPLE)!r}).state_json()))\n"
         "print(json.dumps([r.resolve(['flags/home-ranking'], {'targeting_key': f'user-{i}', 'platform': 'web'},"
         " DEFAULT_CLIENT_SECRET)[0].variant for i in range(2000)]))\n")

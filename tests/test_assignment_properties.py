@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 from assignment_server.authoring.compiler import DEFAULT_CLIENT_SECRET, compile_folder
-from assignment_server.resolver import Resolver, ResolverState, allocation_bucket, allocation_salt
+from twofold.resolver import Resolver, ResolverState, allocation_bucket, allocation_salt
 
 ROOT = Path(__file__).resolve().parent.parent
 N = 1_000_000

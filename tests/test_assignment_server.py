@@ -16,10 +16,10 @@ from google.protobuf import timestamp_pb2
 
 from assignment_server.app import build_setup
 from assignment_server.authoring.compiler import DEFAULT_CLIENT_SECRET
-from assignment_server.resolver import Resolver, ResolverState
 from protos.twofold.assignment.v1 import assignment_pb2 as pb
 from protos.twofold.assignment.v1 import assignment_pb2_grpc as pb_grpc
 from twofold.lake import read_table
+from twofold.resolver import Resolver, ResolverState
 from twofold.server import RunningServer, start_server
 from twofold.settings import ServerSettings
 from twofold.testing import BackgroundLoop

@@ -21,7 +21,7 @@ import onnxruntime as ort
 import pyarrow.compute as pc
 import pytest
 
-from client_sdk.demo import world
+from twofold.demo import world
 from twofold.lake import read_table
 
 ROOT = Path(__file__).absolute().parent.parent

@@ -36,8 +36,8 @@ from client_sdk import (
     TlsConfig,
     TwofoldError,
 )
-from client_sdk.demo.processes import ServerGroup, ServerProcess
 from tests.tls_certs import issue, make_ca
+from twofold.demo.processes import ServerGroup, ServerProcess
 from twofold.lake import read_table
 
 SECRET = "test-secret"
@@ -439,7 +439,7 @@ print("exiting without close()")
 
 
 def test_queued_records_are_flushed_at_interpreter_exit(tmp_path: Path) -> None:
-    from client_sdk.demo.processes import ROOT
+    from twofold.demo.processes import ROOT
 
     with ServerGroup(tmp_path / "run") as group:
         server = start_assignment(group, tmp_path)

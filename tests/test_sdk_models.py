@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from client_sdk import AsyncClient, Client, ClientOptions, Deadlines, ErrorCode, Reason
-from client_sdk.demo import world
-from client_sdk.demo.processes import ServerGroup, ServerProcess
-from client_sdk.demo.train import BANDIT, RANKER, TrainedSystems, train_systems
 from tests.test_sdk_client import SECRET, start_assignment, write_flags
+from twofold.demo import world
+from twofold.demo.processes import ServerGroup, ServerProcess
+from twofold.demo.train import BANDIT, RANKER, TrainedSystems, train_systems
 from twofold.lake import read_table
 
 FLAGS = """\

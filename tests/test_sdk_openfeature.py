@@ -18,9 +18,9 @@ from openfeature.provider import ProviderStatus
 from openfeature.track import TrackingEventDetails
 
 from client_sdk import AsyncClient, Client, ClientOptions, Deadlines
-from client_sdk.demo.processes import ServerGroup, ServerProcess
 from client_sdk.provider import TwofoldProvider
 from tests.test_sdk_client import FLAGS_YAML, SECRET, start_assignment, write_flags
+from twofold.demo.processes import ServerGroup, ServerProcess
 from twofold.lake import read_table
 
 SE = EvaluationContext(targeting_key="user-1", attributes={"country": "SE"})

@@ -27,7 +27,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from assignment_server.resolver.bucketing import ALLOCATION_BUCKETS, hash_key
+from twofold.resolver.bucketing import ALLOCATION_BUCKETS, hash_key
 
 LOCK_VERSION = 1
 _U64 = np.uint64

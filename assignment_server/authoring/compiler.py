@@ -25,7 +25,7 @@ from assignment_server.authoring.allocator import Allocation, SegmentRequest, al
 from assignment_server.authoring.conditions import ConditionCompiler
 from assignment_server.authoring.errors import FlagFileError, Problem
 from assignment_server.authoring.yamlio import Located, LocatedList, load_documents
-from assignment_server.resolver.state import encode_bitset
+from twofold.resolver.state import encode_bitset
 
 LOCK_FILE = "allocations.lock.json"
 DEFAULT_ACCOUNT = "twofold"

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from client_sdk.demo import world
+from twofold.demo import world
 
 RANKER = "home-ranker"
 BANDIT = "home-linucb"

@@ -2,13 +2,13 @@
 
 Stable API (see docs/assignment.md)::
 
-    from assignment_server.resolver import Resolver, ResolverState
+    from twofold.resolver import Resolver, ResolverState
     state = ResolverState.from_json(state_bytes)          # the WatchState snapshot bytes
     flags = Resolver(state).resolve(["flags/home-ranking"], {"targeting_key": "user-42"}, "secret")
     flags[0].variant, flags[0].value, flags[0].reason, flags[0].should_apply
 """
 
-from assignment_server.resolver.bucketing import (
+from twofold.resolver.bucketing import (
     ALLOCATION_BUCKETS,
     allocation_bucket,
     allocation_salt,
@@ -16,19 +16,19 @@ from assignment_server.resolver.bucketing import (
     bucket,
     hash_key,
 )
-from assignment_server.resolver.errors import (
+from twofold.resolver.errors import (
     ResolveError,
     StateError,
     TooManyFlagsError,
     UnknownClientError,
 )
-from assignment_server.resolver.materializations import (
+from twofold.resolver.materializations import (
     InMemoryMaterializations,
     MaterializationRecord,
     MaterializationStore,
     SqliteMaterializations,
 )
-from assignment_server.resolver.resolve import (
+from twofold.resolver.resolve import (
     MAX_FLAGS_PER_RESOLVE,
     MAX_TARGETING_KEY_LENGTH,
     FallthroughAssignment,
@@ -37,7 +37,7 @@ from assignment_server.resolver.resolve import (
     ResolvedFlag,
     Resolver,
 )
-from assignment_server.resolver.state import STATE_MEDIA_TYPE, Bitset, Client, Flag, ResolverState, encode_bitset
+from twofold.resolver.state import STATE_MEDIA_TYPE, Bitset, Client, Flag, ResolverState, encode_bitset
 
 __all__ = [
     "ALLOCATION_BUCKETS",

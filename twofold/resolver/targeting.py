@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from assignment_server.resolver.errors import UnrecognizedRuleError
-from assignment_server.resolver.values import INVALID, NULL, STRING, convert, rule_value
+from twofold.resolver.errors import UnrecognizedRuleError
+from twofold.resolver.values import INVALID, NULL, STRING, convert, rule_value
 
 # (context, unit, evaluation, visited segment names) -> matched
 Predicate = Callable[[dict, "str | None", Any, tuple], bool]

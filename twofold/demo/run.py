@@ -1,7 +1,7 @@
 """`twofold demo`: train, serve, experiment, analyze, and check the analysis against the truth.
 
 1. Train an XGBoost ranker and a LinUCB bandit on an exploration log of synthetic users whose
-   conversion probabilities are known (client_sdk.demo.world), and publish both to a model
+   conversion probabilities are known (twofold.demo.world), and publish both to a model
    repository with the model server's Python API.
 2. Start the assignment, model and analysis servers as child processes on free local ports,
    with a local lake folder.
@@ -36,11 +36,11 @@ from typing import Any
 import numpy as np
 import yaml
 
-from client_sdk.demo import experiment, world
-from client_sdk.demo.processes import InterruptGuard, ServerGroup, ServerProcess
-from client_sdk.demo.progress import Progress
-from client_sdk.demo.simulate import Visit, draw_outcomes, track_outcomes, visit_all
-from client_sdk.demo.train import TrainedSystems, Truth, train_systems, true_rates
+from twofold.demo import experiment, world
+from twofold.demo.processes import InterruptGuard, ServerGroup, ServerProcess
+from twofold.demo.progress import Progress
+from twofold.demo.simulate import Visit, draw_outcomes, track_outcomes, visit_all
+from twofold.demo.train import TrainedSystems, Truth, train_systems, true_rates
 
 # Sub-folders the demo owns inside its folder (cleared at the start of a run).
 OWNED = ("flags", "repository", "lake", "experiments", "results", "logs", "materializations.sqlite", "token.key")
@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     if args.users < 300:
         print("twofold demo: --users must be at least 300", file=sys.stderr)
         return 2
-    missing = [m for m in ("xgboost", "onnxmltools", "assignment_server.resolver", "model_server.bandits",
+    missing = [m for m in ("xgboost", "onnxmltools", "twofold.resolver", "model_server.bandits",
                            "analysis_worker.analyze") if _missing(m)]
     if missing:
         print(f"twofold demo: missing {', '.join(missing)}; the demo needs the three services and the "

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import mmh3
 
-from assignment_server.resolver.errors import StateError
+from twofold.resolver.errors import StateError
 
 STRATEGY_MURMUR128_MITZ_64 = 1
 _MASK64 = (1 << 64) - 1

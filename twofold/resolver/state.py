@@ -20,10 +20,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from assignment_server.resolver.bloom import BloomFilter
-from assignment_server.resolver.bucketing import ALLOCATION_BUCKETS, allocation_salt
-from assignment_server.resolver.errors import StateError
-from assignment_server.resolver.targeting import Predicate, compile_targeting, uses_segment_references
+from twofold.resolver.bloom import BloomFilter
+from twofold.resolver.bucketing import ALLOCATION_BUCKETS, allocation_salt
+from twofold.resolver.errors import StateError
+from twofold.resolver.targeting import Predicate, compile_targeting, uses_segment_references
 
 STATE_MEDIA_TYPE = "application/vnd.twofold.resolver-state.v1+json"
 ACTIVE = "ACTIVE"

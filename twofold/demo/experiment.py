@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from client_sdk.demo import world
-from client_sdk.demo.train import BANDIT, RANKER, Truth
+from twofold.demo import world
+from twofold.demo.train import BANDIT, RANKER, Truth
 
 FLAG = "home-ranking"
 CLIENT_SECRET = "demo-backend-secret"

@@ -1,4 +1,4 @@
-"""`twofold demo`: the end-to-end main job (see client_sdk.demo.run).
+"""`twofold demo`: the end-to-end main job (see twofold.demo.run).
 
 Only the Command lives here; the heavy imports (XGBoost, ONNX Runtime, DuckDB) happen when the
 demo runs, so `twofold --help` stays fast.
@@ -12,13 +12,13 @@ from twofold.cli import Command
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
-    from client_sdk.demo.run import configure
+    from twofold.demo.run import configure
 
     configure(parser)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from client_sdk.demo.run import run
+    from twofold.demo.run import run
 
     return run(args)
 

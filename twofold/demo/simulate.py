@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from client_sdk.async_client import AsyncClient
-from client_sdk.demo import world
-from client_sdk.demo.progress import Progress
 from client_sdk.results import Decision, Reason
+from twofold.demo import world
+from twofold.demo.progress import Progress
 
 
 @dataclass(frozen=True)

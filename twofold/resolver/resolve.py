@@ -20,15 +20,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from assignment_server.resolver.bucketing import allocation_bucket, arm_bucket
-from assignment_server.resolver.errors import (
+from twofold.resolver.bucketing import allocation_bucket, arm_bucket
+from twofold.resolver.errors import (
     MaterializationUnsupportedError,
     TooManyFlagsError,
     UnknownClientError,
     UnrecognizedRuleError,
 )
-from assignment_server.resolver.materializations import MaterializationRecord, MaterializationStore
-from assignment_server.resolver.state import Assignment, Client, Flag, ResolverState, Rule, Segment
+from twofold.resolver.materializations import MaterializationRecord, MaterializationStore
+from twofold.resolver.state import Assignment, Client, Flag, ResolverState, Rule, Segment
 
 MAX_FLAGS_PER_RESOLVE = 1000
 MAX_TARGETING_KEY_LENGTH = 100
