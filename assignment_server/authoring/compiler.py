@@ -26,7 +26,7 @@ import yaml
 from assignment_server.authoring.allocator import Allocation, SegmentRequest, allocate
 from assignment_server.authoring.conditions import ConditionCompiler
 from assignment_server.authoring.errors import FlagFileError, Problem
-from assignment_server.authoring.integrity import Move, moves
+from assignment_server.authoring.integrity import Move, extends, moves
 from assignment_server.authoring.yamlio import Located, LocatedList, load_documents
 from twofold.resolver.state import encode_bitset
 
@@ -159,8 +159,8 @@ def compile_folder(folder: str | Path, served: dict | None = None) -> CompileRes
     what the change is checked against (what `twofold flags validate|lock|compile` do). With
     `served`, the lock of the allocation a server is serving, the change is checked against
     that record, whether or not the author updated the folder's lock; the folder's lock is
-    still the starting point when it is a safe successor of `served` (so replicas that all
-    follow the committed lock compile the same state), otherwise `served` is.
+    still the starting point when it extends `served` (moves nothing, forgets no reservation),
+    so that replicas following the committed lock compile the same state; otherwise `served` is.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -169,7 +169,7 @@ def compile_folder(folder: str | Path, served: dict | None = None) -> CompileRes
     if served is None:
         start, previous = lock, lock
     else:
-        start = lock if lock is not None and not moves(served, lock) else served
+        start = lock if lock is not None and extends(served, lock) else served
         previous = served
     result = _Compiler(f).compile(start, previous)
     result.lock_changed = lock != result.lock

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from assignment_server.authoring.allocator import entry_mask, lock_segments
+from assignment_server.authoring.allocator import entry_mask, lock_segments, reserved_positions
 from twofold.resolver.bucketing import ALLOCATION_BUCKETS
 
 ARM_SAMPLE = 1 << 20  # arm buckets compared when two layouts' bucket counts have a large lcm
@@ -108,6 +108,24 @@ def arm_change(old: Mapping, new: Mapping) -> float:
     v_old = np.asarray([*(a[0] for a in old["arms"]), "-"], dtype=object)[_variant_at(old, h % n_old)]
     v_new = np.asarray([*(a[0] for a in new["arms"]), "-"], dtype=object)[_variant_at(new, h % n_new)]
     return float(np.mean(v_old != v_new))
+
+
+def extends(old: Mapping | None, new: Mapping) -> bool:
+    """Whether `new` moves nothing of `old` and still reserves every bucket `old` reserved.
+
+    Only such a lock may replace a server's record of what it served as the starting point of a
+    compile: one that forgot a reservation (a lock rebuilt from scratch after a ramp down, say)
+    would let a partner take units that were in a running experiment.
+    """
+    if moves(old, new):
+        return False
+    before, after = lock_segments(old), lock_segments(new)
+    for s in set(before) & set(after):
+        if before[s].get("permutation") != after[s].get("permutation"):
+            return False
+        if np.setdiff1d(reserved_positions(before[s]), reserved_positions(after[s])).size:
+            return False
+    return True
 
 
 def moves(old: Mapping | None, new: Mapping) -> list[Move]:
