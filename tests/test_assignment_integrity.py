@@ -22,8 +22,10 @@ from prometheus_client import REGISTRY
 from assignment_server.authoring.compiler import DEFAULT_CLIENT_SECRET, compile_folder
 from assignment_server.authoring.errors import FlagFileError
 from assignment_server.state_source import StateSource
+from tests.test_assignment_server import Harness
 from twofold.cli import main as twofold_main
 from twofold.resolver import Resolver, ResolverState
+from twofold.testing import BackgroundLoop
 
 UNITS = [f"u{i}" for i in range(5000)]
 SEQUENCES = 5
@@ -345,3 +347,96 @@ def _bits(state: ResolverState) -> dict[str, np.ndarray]:
             raw = np.frombuffer(seg.bitset.bits, dtype=np.uint8)
             out[name] = np.unpackbits(raw, bitorder="little")[:1_000_000].astype(bool)
     return out
+
+
+# -- through a real server's hot reload and restart -------------------------------------------------
+
+ISSUE_CASE = """
+namespace: home
+---
+flag: a
+variants: {x: {v: 1}, y: {v: 2}}
+rules:
+  - name: exp
+    experiment: {allocation: 20%, namespace: home, arms: {x: 1, y: 1}}
+---
+flag: b
+variants: {x: {v: 1}, y: {v: 2}}
+rules:
+  - name: exp
+    experiment: {allocation: 30%, namespace: home, arms: {x: 1, y: 1}}
+"""
+SERVER_UNITS = [f"user-{i}" for i in range(1500)]
+
+
+def _served(h: Harness) -> dict[str, dict[str, str]]:
+    """flag -> unit -> variant (units outside the experiment left out), over gRPC."""
+    out: dict[str, dict[str, str]] = {"flags/a": {}, "flags/b": {}}
+    for unit in SERVER_UNITS:
+        for f in h.resolve(unit, flags=("flags/a", "flags/b")).resolved_flags:
+            if f.variant:
+                out[f.flag][unit] = f.variant
+    return out
+
+
+def _wait_for(condition: object, what: str) -> None:
+    deadline = time.time() + 15
+    while not condition():  # type: ignore[operator]
+        assert time.time() < deadline, what
+        time.sleep(0.05)
+
+
+def _assert_kept(before: dict[str, dict[str, str]], after: dict[str, dict[str, str]],
+                 ramped_down: bool = False) -> None:
+    for flag in before:
+        if not ramped_down:
+            assert before[flag].keys() <= after[flag].keys(), f"units left {flag}"
+        assert all(after[flag][u] == v for u, v in before[flag].items() if u in after[flag]), f"{flag}: arms changed"
+    assert not (after["flags/a"].keys() & after["flags/b"].keys()), "a unit is in both exclusive experiments"
+    assert not (before["flags/a"].keys() & after["flags/b"].keys()), "a unit of a entered b"
+    assert not (before["flags/b"].keys() & after["flags/a"].keys()), "a unit of b entered a"
+
+
+def test_server_hot_reload_and_restart_never_move_running_units(
+        bg_loop: BackgroundLoop, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    flags = _folder(tmp_path, ISSUE_CASE)  # no allocations.lock.json: nobody ran `twofold flags lock`
+    path = flags / "f.yaml"
+    h = Harness(bg_loop, tmp_path, flags)
+    try:
+        first = _served(h)
+        assert 200 < len(first["flags/a"]) < 400 and 350 < len(first["flags/b"]) < 550
+        # The issue's case: ramping a from 20% to 40% without a lock moved 66% of b's units.
+        generation = h.servicer.source.current.generation  # type: ignore[attr-defined]
+        path.write_text(ISSUE_CASE.replace("allocation: 20%", "allocation: 40%"))
+        _wait_for(lambda: h.servicer.source.current.generation != generation, "the ramp was not served")  # type: ignore[attr-defined]
+        second = _served(h)
+        assert len(second["flags/a"]) > 1.6 * len(first["flags/a"])
+        _assert_kept(first, second)
+
+        # New weights for b would switch units between its arms: refused, counted, logged; b keeps serving.
+        failures = h.metric("twofold_assignment_reload_failures_total")
+        generation = h.servicer.source.current.generation  # type: ignore[attr-defined]
+        path.write_text(ISSUE_CASE.replace("allocation: 20%", "allocation: 40%")
+                        .replace("allocation: 30%, namespace: home, arms: {x: 1, y: 1}",
+                                 "allocation: 30%, namespace: home, arms: {x: 1, y: 2}"))
+        _wait_for(lambda: h.metric("twofold_assignment_reload_failures_total") != failures, "not refused")
+        assert h.servicer.source.current.generation == generation  # type: ignore[attr-defined]
+        refusals = [str(r.__dict__.get("fields", {}).get("problems")) for r in caplog.records
+                    if "flag change refused" in r.getMessage()]
+        assert any(f"{path}:14: refused" in p and "to another arm" in p and "% of all units" in p for p in refusals)
+        assert _served(h) == second
+    finally:
+        h.close()
+
+    # While the server is down, a ramp down of a and a ramp up of b, still without a lock; a
+    # compile from scratch would reshuffle both. The restart compiles against its record instead.
+    path.write_text(ISSUE_CASE.replace("allocation: 20%", "allocation: 10%").replace("allocation: 30%",
+                                                                                      "allocation: 45%"))
+    h = Harness(bg_loop, tmp_path, flags)
+    try:
+        third = _served(h)
+        _assert_kept({"flags/a": second["flags/a"], "flags/b": {}}, {**third, "flags/b": {}}, ramped_down=True)
+        _assert_kept({"flags/a": {}, "flags/b": second["flags/b"]}, third)
+        assert not (set(first["flags/a"]) | set(second["flags/a"])) & set(third["flags/b"])
+    finally:
+        h.close()
