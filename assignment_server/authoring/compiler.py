@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -589,8 +590,12 @@ def read_lock(path: Path) -> dict | None:
 
 
 def write_lock(path: Path, lock: dict) -> None:
-    """Write an allocation lock atomically (readers see the old or the new file, never half of one)."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write an allocation lock atomically (readers see the old or the new file, never half of one).
+
+    The temporary name is unique per process, so replicas sharing a record's folder never write
+    into one another's temporary file.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(json.dumps(lock, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
