@@ -110,7 +110,14 @@ class StateSource:
             except ValueError as exc:  # no record to trust: starting would risk moving running units
                 raise FlagFileError([Problem(str(self.served_lock_path), 1, f"unreadable record of the served "
                                                                             f"allocation: {exc}")]) from exc
-        loaded = _load(self.path, self.served_lock)
+        try:
+            loaded = _load(self.path, self.served_lock)
+        except FlagFileError as exc:
+            if self.served_lock is not None and any("refused:" in p.message for p in exc.problems):
+                exc.problems.append(Problem(str(self.served_lock_path), 1, "the changes above were checked against "
+                                            "this record of the allocation served before the restart; remove it "
+                                            "only to deliberately start every running experiment over"))
+            raise FlagFileError(exc.problems) from exc
         for w in loaded.warnings:
             log.warning("flag source warning", extra={"fields": {"warning": w}})
         self._swap(loaded, fingerprint)
