@@ -123,7 +123,9 @@ def extends(old: Mapping | None, new: Mapping) -> bool:
     for s in set(before) & set(after):
         if before[s].get("permutation") != after[s].get("permutation"):
             return False
-        if np.setdiff1d(reserved_positions(before[s]), reserved_positions(after[s])).size:
+        kept = np.zeros(ALLOCATION_BUCKETS, dtype=bool)
+        kept[reserved_positions(after[s])] = True
+        if not kept[reserved_positions(before[s])].all():
             return False
     return True
 
