@@ -8,8 +8,9 @@ When a call fails or times out, the resolve goes on without the store (documente
 docs/assignment.md, "Materializations"): units not in this pod's cache are served as a new unit
 would be (the rule's current allocation; for an unchanged rule that is the variant they had)
 and nothing is written; the next resolve of the unit after the store is back reads and writes
-as usual. After a failure the store is not called for `retry_after` seconds (a circuit
-breaker), so an outage costs one timeout per pod per interval, not one per request.
+as usual. After `failures_to_open` failures in a row the store is not called for `retry_after`
+seconds (a circuit breaker), so an outage costs a few timeouts per pod per interval, not one per
+request; the first call after the interval probes it again.
 """
 
 from __future__ import annotations
@@ -50,11 +51,13 @@ class StickyStore:
     """A store as the servicer uses it: cached, off the loop, within time, failing open."""
 
     def __init__(self, store: MaterializationStore, *, timeout: float | None = None, cache_size: int = 100_000,
-                 retry_after: float = 1.0, threads: int = 16) -> None:
+                 retry_after: float = 1.0, failures_to_open: int = 3, threads: int = 16) -> None:
         self.store = store
         self.timeout = store.timeout if timeout is None else timeout
         self.cache = MaterializationCache(cache_size)
         self.retry_after = retry_after
+        self.failures_to_open = failures_to_open
+        self._failures = 0  # consecutive
         self._down_until = 0.0
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="materializations")
         self._calls = {(op, o): CALLS.labels(op, o) for op in OPS for o in OUTCOMES}
@@ -99,13 +102,17 @@ class StickyStore:
             return None
         self._latency[op].observe(time.perf_counter() - t0)
         self._calls[op, "ok"].inc()
+        self._failures = 0
         return answer
 
     def _failed(self, op: str, outcome: str, error: str, t0: float) -> None:
         self._latency[op].observe(time.perf_counter() - t0)
         self._calls[op, outcome].inc()
+        self._failures += 1
+        if self._failures < self.failures_to_open:
+            return  # a lone slow call (a GC pause, a busy machine) does not make the store "down"
         if time.monotonic() >= self._down_until:  # log once per interval, not per request
-            log.warning("materialization store call failed; serving without it",
+            log.warning("materialization store failing; serving without it",
                         extra={"fields": {"store": self.store.describe(), "op": op, "outcome": outcome,
                                           "error": error, "retry_after_s": self.retry_after}})
         self._down_until = time.monotonic() + self.retry_after
