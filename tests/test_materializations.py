@@ -3,6 +3,7 @@ and the resolver driving it: batched reads, first write wins, the stored variant
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,11 +12,13 @@ import grpc
 import pytest
 
 from assignment_server.authoring.compiler import DEFAULT_CLIENT_SECRET, compile_folder
+from client_sdk.local import LocalState
 from protos.twofold.assignment.v1 import assignment_pb2 as pb
 from protos.twofold.assignment.v1 import assignment_pb2_grpc as pb_grpc
 from tests.redis_server import RedisServer
 from tests.test_sticky_assignments import FLAG, PATIENT, STICKY, Server
 from twofold.resolver import (
+    STATE_MEDIA_TYPE,
     InMemoryMaterializations,
     MaterializationCache,
     MaterializationRecord,
@@ -144,3 +147,32 @@ def test_one_batched_read_and_one_write_per_resolve(tmp_path: Path, redis_url: s
     assert (after_first[0] - before[0], after_first[1] - before[1]) == (1, 1)
     assert after_again == after_first
     assert [f.variant for f in again.resolved_flags] == [f.variant for f in first.resolved_flags]
+
+
+def _state_with_materialized_segment() -> dict:
+    """A compiled flag whose rule targets a materialized segment (a Confidence state feature)
+    with no Bloom filter, beside a plain flag."""
+    folder = Path(tempfile.mkdtemp())
+    (folder / "f.yaml").write_text("flag: seg-test\nvariants: {a: {x: 1}}\nrules:\n"
+                                   "  - name: r\n    when: {attribute: country, eq: SE}\n    serve: a\n"
+                                   "---\nflag: plain\nvariants: {a: {x: 1}}\nrules:\n  - name: r\n    serve: a\n")
+    doc = json.loads(compile_folder(folder).state_json())
+    doc["segments"]["segments/seg-test--r"]["targeting"] = {
+        "criteria": {"c1": {"materializedSegment": {"materializedSegment": "materializedSegments/vip"}}},
+        "expression": {"ref": "c1"}}
+    return doc
+
+
+def test_local_evaluation_routes_store_needing_flags_to_the_server() -> None:
+    """Sticky flags, and targeting on a materialized segment without a Bloom filter, need the store:
+    resolved without one they are ERROR, so an SDK evaluating locally sends them to the server."""
+    doc = _state_with_materialized_segment()
+    state = ResolverState.from_dict(doc)
+    assert state.flags_needing_store == {"flags/seg-test"}
+    (flag,) = Resolver(state).resolve(["flags/seg-test"], {"targeting_key": "u", "country": "SE"},
+                                      DEFAULT_CLIENT_SECRET)
+    assert flag.reason.name == "ERROR"
+    local = LocalState(DEFAULT_CLIENT_SECRET)
+    assert local.load(pb.StateSnapshot(generation=1, format=STATE_MEDIA_TYPE, state=json.dumps(doc).encode()))
+    assert local.needs_server(["seg-test", "plain"]) == ["seg-test"]
+    assert _sticky_state().flags_needing_store == {FLAG}
