@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -65,59 +66,101 @@ class StickyStore:
 
     async def resolve(self, resolver: Resolver, names: list[str], ctx: dict, client_secret: str,
                       time_remaining: float | None = None) -> Resolution:
-        """Resolve `names`; store calls (if any) end within the store timeout and `time_remaining`."""
+        """Resolve `names`; store calls (if any) end within the store timeout and `time_remaining`.
+
+        The first pass runs here, answered from the cache; a resolve that needs the store hands
+        its remaining passes and calls to one worker thread (one hop, however many calls).
+        """
         names, ctx = normalize_request(names, ctx)
         steps = resolve_steps(resolver, names, ctx, client_secret, self.cache)
-        deadline = None if time_remaining is None else time.monotonic() + time_remaining - DEADLINE_MARGIN
         try:
-            call = next(steps)
-            while True:
-                call = steps.send(await self._call(call, deadline))
-        except StopIteration as done:
+            first = next(steps)
+        except StopIteration as done:  # nothing to read or write: no store call at all
             return done.value
-
-    async def _call(self, call: StoreCall, deadline: float | None) -> Any:
-        op = "read" if isinstance(call, ReadKeys) else "write"
         now = time.monotonic()
-        if now < self._down_until:
-            self._calls[op, "skipped"].inc()
-            return None
-        budget = self.timeout if deadline is None else min(self.timeout, deadline - now)
-        if budget <= 0:
-            self._calls[op, "skipped"].inc()
-            return None
-        loop = asyncio.get_running_loop()
-        if op == "read":
-            future = loop.run_in_executor(self._executor, self.store.read, call.keys)  # type: ignore[union-attr]
+        deadline = now + self.timeout * 2 + DEADLINE_MARGIN  # a read, then a write
+        if time_remaining is not None:
+            deadline = min(deadline, now + time_remaining - DEADLINE_MARGIN)
+        if now >= self._down_until and deadline > now:
+            future = asyncio.get_running_loop().run_in_executor(self._executor, self._drive, steps, first, deadline)
+            try:
+                async with asyncio.timeout(deadline - now):
+                    resolution, outcomes = await future
+            except TimeoutError:  # the worker is stuck past the socket timeouts: stop waiting for it
+                self._record([(_op(first), "timeout", time.monotonic() - now, "no answer in time")])
+            else:
+                self._record(outcomes)
+                return resolution
         else:
-            future = loop.run_in_executor(self._executor, self.store.write, call.records)  # type: ignore[union-attr]
-        t0 = time.perf_counter()
-        try:
-            answer = await asyncio.wait_for(future, budget)
-        except TimeoutError:
-            self._failed(op, "timeout", f"no answer within {budget:.3f}s", t0)
-            return None
-        except Exception as exc:  # any store failure: serve without the store, never fail the resolve
-            self._failed(op, "error", repr(exc), t0)
-            return None
-        self._latency[op].observe(time.perf_counter() - t0)
-        self._calls[op, "ok"].inc()
-        self._failures = 0
-        return answer
+            self._record([(_op(first), "skipped", 0.0, "")])
+        return _without_store(resolve_steps(resolver, names, ctx, client_secret, self.cache))
 
-    def _failed(self, op: str, outcome: str, error: str, t0: float) -> None:
-        self._latency[op].observe(time.perf_counter() - t0)
-        self._calls[op, outcome].inc()
-        self._failures += 1
-        if self._failures < self.failures_to_open:
-            return  # a lone slow call (a GC pause, a busy machine) does not make the store "down"
-        if time.monotonic() >= self._down_until:  # log once per interval, not per request
-            log.warning("materialization store failing; serving without it",
-                        extra={"fields": {"store": self.store.describe(), "op": op, "outcome": outcome,
-                                          "error": error, "retry_after_s": self.retry_after}})
-        self._down_until = time.monotonic() + self.retry_after
+    def _drive(self, steps: Generator[StoreCall, Any, Resolution], call: StoreCall,
+               deadline: float) -> tuple[Resolution, list[tuple[str, str, float, str]]]:
+        """In a worker thread: make the calls `steps` asks for until it returns its resolution.
+
+        After a failed call the rest are skipped (answered None). Returns the outcomes for the
+        loop to count: metrics are updated on the loop thread only.
+        """
+        outcomes: list[tuple[str, str, float, str]] = []
+        failed = False
+        try:
+            while True:
+                op = _op(call)
+                answer = None
+                if failed or time.monotonic() >= deadline:
+                    outcomes.append((op, "skipped", 0.0, ""))
+                else:
+                    t0 = time.perf_counter()
+                    try:
+                        if isinstance(call, ReadKeys):
+                            answer = self.store.read(call.keys)
+                        else:
+                            answer = self.store.write(call.records)
+                        outcomes.append((op, "ok", time.perf_counter() - t0, ""))
+                    except TimeoutError as exc:
+                        failed = True
+                        outcomes.append((op, "timeout", time.perf_counter() - t0, repr(exc)))
+                    except Exception as exc:  # any store failure: serve without it, never fail the resolve
+                        failed = True
+                        outcomes.append((op, "error", time.perf_counter() - t0, repr(exc)))
+                call = steps.send(answer)
+        except StopIteration as done:
+            return done.value, outcomes
+
+    def _record(self, outcomes: list[tuple[str, str, float, str]]) -> None:
+        """Count the calls and move the breaker (loop thread)."""
+        for op, outcome, seconds, error in outcomes:
+            self._calls[op, outcome].inc()
+            if outcome == "skipped":
+                continue
+            self._latency[op].observe(seconds)
+            if outcome == "ok":
+                self._failures = 0
+                continue
+            self._failures += 1
+            if self._failures < self.failures_to_open:
+                continue  # a lone slow call (a GC pause, a busy machine) does not make the store "down"
+            if time.monotonic() >= self._down_until:  # log once per interval, not per request
+                log.warning("materialization store failing; serving without it",
+                            extra={"fields": {"store": self.store.describe(), "op": op, "outcome": outcome,
+                                              "error": error, "retry_after_s": self.retry_after}})
+            self._down_until = time.monotonic() + self.retry_after
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 
+
+def _op(call: StoreCall) -> str:
+    return "read" if isinstance(call, ReadKeys) else "write"
+
+
+def _without_store(steps: Generator[StoreCall, Any, Resolution]) -> Resolution:
+    """Finish a resolve with every store call answered "failed": the documented degraded mode."""
+    try:
+        next(steps)
+        while True:
+            steps.send(None)
+    except StopIteration as done:
+        return done.value

@@ -66,13 +66,17 @@ class RedisMaterializations:
         return f"{self.prefix}{len(materialization)}:{materialization}:{unit}"
 
     def read(self, keys: Collection[Key]) -> dict[Key, dict[str, str]]:
-        if not keys:
-            return {}
         keys = list(keys)
-        pipe = self._client.pipeline(transaction=False)
-        for materialization, unit in keys:
-            pipe.hgetall(self._key(materialization, unit))
-        return {k: v for k, v in zip(keys, pipe.execute(), strict=True) if v}
+        try:
+            if len(keys) == 1:  # the common case: one command, no pipeline bookkeeping
+                entry = self._client.hgetall(self._key(*keys[0]))
+                return {keys[0]: entry} if entry else {}
+            pipe = self._client.pipeline(transaction=False)
+            for materialization, unit in keys:
+                pipe.hgetall(self._key(materialization, unit))
+            return {k: v for k, v in zip(keys, pipe.execute(), strict=True) if v}
+        except redis.TimeoutError as exc:
+            raise TimeoutError(f"redis read: {exc}") from exc
 
     def write(self, records: Sequence[MaterializationRecord]) -> dict[RecordKey, str]:
         if not records:
@@ -82,7 +86,10 @@ class RedisMaterializations:
             key = self._key(r.materialization, r.unit)
             pipe.hsetnx(key, r.rule, r.variant)
             pipe.hget(key, r.rule)
-        replies = pipe.execute()
+        try:
+            replies = pipe.execute()
+        except redis.TimeoutError as exc:
+            raise TimeoutError(f"redis write: {exc}") from exc
         return {r.key: str(replies[2 * i + 1]) for i, r in enumerate(records)}
 
     def close(self) -> None:
