@@ -17,6 +17,15 @@ DEFAULT_PORT = 50051
 
 # -- serve-assignment ---------------------------------------------------------------------------
 
+def _store_spec(value: str) -> str:
+    """A SQLite path, `memory`, or a redis:// / rediss:// URL; another scheme is refused at parse time."""
+    scheme, sep, _ = value.partition("://")
+    if sep and scheme not in ("redis", "rediss", "unix"):
+        raise argparse.ArgumentTypeError(f"unsupported store {scheme}://; use a SQLite path, 'memory', "
+                                         "redis://host:port/db or rediss://")
+    return value
+
+
 def _float_or_none(value: str | None) -> float | None:
     return None if value in (None, "") else float(value)
 
@@ -27,7 +36,7 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
                    help="folder of flag YAML files, or a Confidence JSON state file [TWOFOLD_FLAGS]")
     g.add_argument("--lake", default=env_default("lake", "data/lake"),
                    help="lake root for exposures and events [TWOFOLD_LAKE]")
-    g.add_argument("--materializations", default=env_default("materializations", None),
+    g.add_argument("--materializations", default=env_default("materializations", None), type=_store_spec,
                    help="store for sticky assignments: a SQLite file (default <lake>/../materializations.sqlite), "
                         "redis://host:port/db or rediss:// (shared by all replicas; password in "
                         "TWOFOLD_MATERIALIZATIONS_PASSWORD), or 'memory' [TWOFOLD_MATERIALIZATIONS]")

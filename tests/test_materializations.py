@@ -176,3 +176,17 @@ def test_local_evaluation_routes_store_needing_flags_to_the_server() -> None:
     assert local.load(pb.StateSnapshot(generation=1, format=STATE_MEDIA_TYPE, state=json.dumps(doc).encode()))
     assert local.needs_server(["seg-test", "plain"]) == ["seg-test"]
     assert _sticky_state().flags_needing_store == {FLAG}
+
+
+def test_serve_refuses_an_unknown_store_scheme(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from assignment_server.cli import SERVE
+
+    parser = argparse.ArgumentParser()
+    SERVE.configure(parser)
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["--flags", "x", "--materializations", "s3://bucket/key"])
+    assert exit_.value.code == 2 and "unsupported store s3://" in capsys.readouterr().err
+    assert parser.parse_args(["--flags", "x", "--materializations", "rediss://h:6380/0"]).materializations \
+        == "rediss://h:6380/0"
