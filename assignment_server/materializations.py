@@ -2,7 +2,11 @@
 
 The resolver core yields the store calls a resolve needs (`twofold.resolver.sticky`); this
 module makes them: in a small thread pool (stores are blocking clients), each within the store
-timeout and the call's own gRPC deadline, with a per-pod cache of stored entries in front.
+timeout and the call's own gRPC deadline, with a per-pod cache of stored entries in front. A
+resolve answered from the cache never leaves the event loop; one that needs the store moves to a
+worker thread once for all its calls. Blocking clients with socket timeouts, rather than an
+asyncio client cancelled on timeout, keep a timed-out command from ever leaving a connection
+with a reply that a later command could read as its own.
 
 When a call fails or times out, the resolve goes on without the store (documented in
 docs/assignment.md, "Materializations"): units not in this pod's cache are served as a new unit
