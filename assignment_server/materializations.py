@@ -76,6 +76,8 @@ class StickyStore:
         its remaining passes and calls to one worker thread (one hop, however many calls).
         """
         names, ctx = normalize_request(names, ctx)
+        if not resolver.needs_store(names):
+            return resolver.resolve_pass(names, ctx, client_secret, None)
         steps = resolve_steps(resolver, names, ctx, client_secret, self.cache)
         try:
             first = next(steps)

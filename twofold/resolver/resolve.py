@@ -160,9 +160,15 @@ class Resolver:
         """
         store = materializations if materializations is not None else self.materializations
         names, ctx = normalize_request(flag_names, evaluation_context)
-        if store is None:
+        if store is None or not self.needs_store(names):
             return self.resolve_pass(names, ctx, client_secret, None)
         return run_sync(resolve_steps(self, names, ctx, client_secret, cache), store)
+
+    def needs_store(self, names: list[str]) -> bool:
+        """Whether resolving `names` (empty: all flags) may touch stored assignments; when not,
+        a single pass without a store gives the same result without the bookkeeping of store passes."""
+        need = self.state.flags_needing_store
+        return bool(need) and (not names or not need.isdisjoint(names))
 
     def resolve_pass(self, names: list[str], ctx: dict, client_secret: str,
                      lookup: MaterializationLookup | None) -> Resolution:
