@@ -24,7 +24,9 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, folder: Path, port: int | None = None, *, persistent: bool = True) -> None:
+    def __init__(self, folder: Path, port: int | None = None, *, persistent: bool = True,
+                 tls: tuple[Path, Path, Path] | None = None, password: str | None = None) -> None:
+        """`tls`: (certificate, key, CA) files: the port then speaks TLS only; `password`: requirepass."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
@@ -33,16 +35,25 @@ class RedisServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port or _free_port()
         self.persistent = persistent
+        self.tls = tls
+        self.password = password
         self.proc: subprocess.Popen | None = None
         self.start()
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        listen = ["--port", str(self.port)]
+        if self.tls:
+            cert, key, ca = self.tls
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
+                      "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
+        if self.password:
+            listen += ["--requirepass", self.password]
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+            [self.binary, *listen, "--bind", "127.0.0.1", "--dir", str(self.folder),
              "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always", "--save", "",
              "--protected-mode", "no",
              "--logfile", str(self.folder / "redis.log")],
@@ -63,7 +74,9 @@ class RedisServer:
         client.close()
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, socket_timeout=5)
+        tls = {"ssl": True, "ssl_ca_certs": str(self.tls[2])} if self.tls else {}
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, socket_timeout=5,
+                           password=self.password, **tls)
 
     def signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis
 
 from assignment_server.authoring.compiler import DEFAULT_CLIENT_SECRET, compile_folder
 from client_sdk.local import LocalState
@@ -190,3 +191,39 @@ def test_serve_refuses_an_unknown_store_scheme(capsys: pytest.CaptureFixture[str
     assert exit_.value.code == 2 and "unsupported store s3://" in capsys.readouterr().err
     assert parser.parse_args(["--flags", "x", "--materializations", "rediss://h:6380/0"]).materializations \
         == "rediss://h:6380/0"
+
+
+def test_redis_over_tls_with_the_password_from_the_environment(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rediss://` with the CA in TWOFOLD_MATERIALIZATIONS_CA and the password in
+    TWOFOLD_MATERIALIZATIONS_PASSWORD (the Kubernetes Secret's keys), against a TLS-only redis-server."""
+    from tests.tls_certs import issue, make_ca
+
+    ca, ca_key, ca_cert = make_ca()
+    server_pem = issue(ca_key, ca_cert, "127.0.0.1", server=True)
+    files = {}
+    for name, data in (("server.crt", server_pem.cert), ("server.key", server_pem.key), ("ca.crt", ca.cert)):
+        (tmp_path / name).write_bytes(data)
+        files[name] = tmp_path / name
+    server = RedisServer(tmp_path / "redis", tls=(files["server.crt"], files["server.key"], files["ca.crt"]),
+                         password="s3cret-pw")
+    try:
+        assert server.url.startswith("rediss://")
+        monkeypatch.setenv("TWOFOLD_MATERIALIZATIONS_CA", str(files["ca.crt"]))
+        monkeypatch.setenv("TWOFOLD_MATERIALIZATIONS_PASSWORD", "s3cret-pw")
+        store = open_store(server.url, timeout=5)
+        try:
+            assert store.write([R("u1", "m", "r", "a")]) == {("m", "u1", "r"): "a"}
+            assert store.read([("m", "u1")]) == {("m", "u1"): {"r": "a"}}
+            assert "s3cret" not in store.describe()
+        finally:
+            store.close()
+        monkeypatch.delenv("TWOFOLD_MATERIALIZATIONS_PASSWORD")
+        unauthenticated = open_store(server.url, timeout=5)
+        try:
+            with pytest.raises(redis.AuthenticationError):
+                unauthenticated.read([("m", "u1")])
+        finally:
+            unauthenticated.close()
+    finally:
+        server.kill()
