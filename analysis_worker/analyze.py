@@ -204,6 +204,9 @@ def analyze(experiment: str | Path | Mapping[str, Any] | ExperimentConfig, lake:
         "rows_scanned": scanned,
     }
     document = compute_results(stats, computed_at=computed_at, running=running, extra=extra)
+    from analysis_worker.breakdowns import daily
+
+    document["daily"] = daily(config, data, stats_input_from_rows)
     document["warnings"] = warnings + document.get("warnings", [])
     if excluded.get(MULTIPLE):
         document["warnings"].append(f"{excluded[MULTIPLE]} unit(s) exposed to more than one variant were excluded")

@@ -10,8 +10,19 @@ Everything shown is read from the document; nothing is recomputed here.
 from __future__ import annotations
 
 import html
-import math
 from typing import Any
+
+from analysis_worker.charts import (
+    PALETTE,
+    Chart,
+    IntervalRow,
+    Series,
+    date_label,
+    fmt_number,
+    fmt_p,
+    fmt_pct,
+    interval_chart,
+)
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#1b1f24;
@@ -22,129 +33,127 @@ h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.2rem;margin-top:2rem;bord
 .keep-running{background:#fef7e0;border:1px solid #f9ab00}.error{background:#fce8e6;border:1px solid #d93025}
 table{border-collapse:collapse;margin:.5rem 0;font-size:.9rem}th,td{border:1px solid #ddd;padding:.3rem .6rem;
 text-align:right}th{background:#f5f5f5}td.l,th.l{text-align:left}.sig{font-weight:600}.bad{color:#d93025}
-.good{color:#188038}.charts{display:flex;flex-wrap:wrap;gap:1rem}svg{background:#fff;border:1px solid #eee}
-.warn{color:#8a5300}
+.good{color:#188038}.charts{display:flex;flex-wrap:wrap;gap:1rem;align-items:flex-start}
+svg{background:#fff;border:1px solid #eee;max-width:100%;height:auto}.warn{color:#8a5300}
+.scroll{overflow-x:auto;max-width:100%}
+@media (max-width:600px){body{margin:1rem auto;padding:0 .5rem}table{font-size:.8rem}th,td{padding:.2rem .35rem}}
 """
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return "-"
-        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
-            return f"{value:.{digits - 1}e}"
-        return f"{value:.{digits}g}"
+    if value is None or isinstance(value, (bool, int, float)):
+        return fmt_number(value, digits)
     return html.escape(str(value))
 
 
 def _pct(value: Any) -> str:
-    return "-" if value is None else f"{100 * value:+.2f}%"
+    return fmt_pct(value)
 
 
-def _scale(lo: float, hi: float, a: float, b: float) -> Any:
-    span = hi - lo if hi > lo else 1.0
-    return lambda v: a + (v - lo) / span * (b - a)
+def _colours(document: dict[str, Any]) -> dict[str, str]:
+    """One colour per variant, the same in every chart of the report."""
+    names = list((document.get("units") or {}).keys())
+    for metric in document.get("metrics", []):
+        names += [v["variant"] for v in metric.get("variants", []) if v["variant"] not in names]
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(dict.fromkeys(names))}
 
 
-def interval_svg(metric: dict[str, Any]) -> str:
-    """Relative effect and interval per treatment, zero line and the guardrail margin."""
-    rows = [c for c in metric.get("comparisons", []) if c.get("relative_diff") is not None]
+def _comparisons(metric: dict[str, Any]) -> list[dict[str, Any]]:
+    return [c for c in metric.get("comparisons", []) if c.get("relative_diff") is not None]
+
+
+def interval_svg(metric: dict[str, Any], colours: dict[str, str] | None = None) -> str:
+    """Relative effect and interval per treatment, zero line and the guardrail's margin.
+
+    The interval is the one the document gives beside the verdict (the test's own interval).
+    """
+    rows = _comparisons(metric)
     if not rows:
         return "<p class='warn'>no interval: not enough data</p>"
-    width, row_h, left = 460, 34, 110
-    height = 40 + row_h * len(rows)
-    values = [0.0]
-    for c in rows:
-        values += [v for v in (c.get("relative_ci_lower"), c.get("relative_ci_upper"), c["relative_diff"])
-                   if v is not None]
-    if metric.get("role") == "guardrail" and rows[0].get("null_relative_diff") is not None:
-        values.append(rows[0]["null_relative_diff"])
-    lo, hi = min(values), max(values)
-    pad = (hi - lo) * 0.15 or 0.01
-    x = _scale(lo - pad, hi + pad, left, width - 20)
-    parts = [f"<svg width='{width}' height='{height}' role='img' aria-label='intervals'>",
-             f"<line x1='{x(0):.1f}' y1='10' x2='{x(0):.1f}' y2='{height - 25}' stroke='#888'/>"]
-    margin = rows[0].get("null_relative_diff")
-    if metric.get("role") == "guardrail" and margin is not None:
-        parts.append(f"<line x1='{x(margin):.1f}' y1='10' x2='{x(margin):.1f}' y2='{height - 25}' stroke='#d93025' "
-                     "stroke-dasharray='4 3'/><text x='{0:.1f}' y='{1}' font-size='10' fill='#d93025'>margin</text>"
-                     .format(x(margin) + 2, 20))
-    for i, c in enumerate(rows):
-        y = 30 + i * row_h
-        colour = "#188038" if c.get("better") else "#d93025" if c.get("worse") else "#1a73e8"
-        lo_v, hi_v = c.get("relative_ci_lower"), c.get("relative_ci_upper")
-        if lo_v is not None and hi_v is not None:
-            parts.append(f"<line x1='{x(lo_v):.1f}' y1='{y}' x2='{x(hi_v):.1f}' y2='{y}' stroke='{colour}' "
-                         "stroke-width='3'/>")
-        parts.append(f"<circle cx='{x(c['relative_diff']):.1f}' cy='{y}' r='5' fill='{colour}'/>")
-        parts.append(f"<text x='5' y='{y + 4}' font-size='12'>{html.escape(c['variant'])}</text>")
-    for v in (lo - pad * 0.5, 0.0, hi + pad * 0.5):
-        parts.append(f"<text x='{x(v):.1f}' y='{height - 8}' font-size='10' text-anchor='middle'>{_pct(v)}</text>")
-    parts.append("</svg>")
-    return "".join(parts)
+    colours = colours or {}
+    out = [IntervalRow(label=str(c["variant"]), value=c["relative_diff"], lower=c.get("relative_ci_lower"),
+                       upper=c.get("relative_ci_upper"),
+                       colour="#188038" if c.get("better") else "#d93025" if c.get("worse")
+                       else colours.get(c["variant"], PALETTE[0])) for c in rows]
+    margin = rows[0].get("null_relative_diff") if metric.get("role") == "guardrail" else None
+    return interval_chart(out, margin=margin, title="relative effect vs control (interval of the test)")
 
 
-def _path(points: list[tuple[float, float]]) -> str:
-    return " ".join(f"{'M' if i == 0 else 'L'}{px:.1f},{py:.1f}" for i, (px, py) in enumerate(points))
+def cumulative_svg(metric: dict[str, Any], labels: list[str], key: str = "relative",
+                   colours: dict[str, str] | None = None) -> str:
+    """Cumulative effect by look with its interval band, or the z statistic against the bounds.
 
-
-def cumulative_svg(metric: dict[str, Any], labels: list[str], key: str = "relative") -> str:
-    """Cumulative effect by look with its interval band, or the z statistic against the bounds."""
+    With one look the chart is a point with its interval (a line needs two looks).
+    """
     rows = [r for r in metric.get("cumulative", []) if r.get("relative_diff") is not None]
-    if len(rows) < 2:
+    if not rows:
         return ""
-    width, height, left, bottom = 460, 200, 50, 30
-    variants = sorted({r["variant"] for r in rows})
+    colours = colours or {}
     looks = sorted({r["look"] for r in rows})
-    x = _scale(min(looks), max(looks), left, width - 15)
+    index = {look: i for i, look in enumerate(looks)}
+    x_labels = _look_labels(looks, labels)
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    series: list[Series] = []
+    for v in variants:
+        mine = [r for r in rows if r["variant"] == v]
+        colour = colours.get(v, PALETTE[len(series) % len(PALETTE)])
+        if key == "relative":
+            series.append(Series(v, [(index[r["look"]], r["relative_diff"], r.get("relative_ci_lower"),
+                                      r.get("relative_ci_upper")) for r in mine], colour))
+        else:
+            series.append(Series(v, [(index[r["look"]], r.get("statistic"), None, None) for r in mine], colour,
+                                 band=False))
     if key == "relative":
-        series = {v: [(r["look"], r["relative_diff"], r.get("relative_ci_lower"), r.get("relative_ci_upper"))
-                      for r in rows if r["variant"] == v] for v in variants}
-        title = "cumulative relative effect"
+        chart = Chart("cumulative relative effect", x_labels, series, y_format=_axis_pct,
+                      aria="cumulative relative effect by day")
     else:
-        series = {v: [(r["look"], r.get("statistic"), -(r.get("sequential_bound") or math.nan),
-                       r.get("sequential_bound")) for r in rows if r["variant"] == v] for v in variants}
-        title = "z statistic vs sequential bounds"
-    values = [0.0] + [val for pts in series.values() for p in pts for val in p[1:]
-                      if val is not None and math.isfinite(val)]
-    lo, hi = min(values), max(values)
-    pad = (hi - lo) * 0.1 or 0.01
-    y = _scale(lo - pad, hi + pad, height - bottom, 10)
-    colours = ["#1a73e8", "#e8710a", "#9334e6", "#188038"]
-    parts = [f"<svg width='{width}' height='{height}' role='img' aria-label='{title}'>",
-             f"<text x='{left}' y='12' font-size='11'>{title}</text>",
-             f"<line x1='{left}' y1='{y(0):.1f}' x2='{width - 15}' y2='{y(0):.1f}' stroke='#888'/>"]
-    for n, (variant, pts) in enumerate(series.items()):
-        colour = colours[n % len(colours)]
-        band = [(x(p[0]), y(p[3])) for p in pts if p[3] is not None and math.isfinite(p[3])]
-        band_lo = [(x(p[0]), y(p[2])) for p in pts if p[2] is not None and math.isfinite(p[2])]
-        if key == "relative" and band and band_lo:
-            poly = " ".join(f"{px:.1f},{py:.1f}" for px, py in band + band_lo[::-1])
-            parts.append(f"<polygon points='{poly}' fill='{colour}' fill-opacity='0.15'/>")
-        elif band and band_lo:
-            parts.append(f"<path d='{_path(band)}' stroke='#d93025' fill='none' stroke-dasharray='4 3'/>")
-            parts.append(f"<path d='{_path(band_lo)}' stroke='#d93025' fill='none' stroke-dasharray='4 3'/>")
-        line = [(x(p[0]), y(p[1])) for p in pts if p[1] is not None and math.isfinite(p[1])]
-        if line:
-            parts.append(f"<path d='{_path(line)}' stroke='{colour}' fill='none' stroke-width='2'/>")
-        parts.append(f"<text x='{width - 110}' y='{24 + 12 * n}' font-size='10' fill='{colour}'>"
-                     f"{html.escape(variant)}</text>")
-    fmt = _pct if key == "relative" else (lambda v: f"{v:.1f}")
-    for v in (lo, hi):
-        parts.append(f"<text x='2' y='{y(v) + 3:.1f}' font-size='9'>{fmt(v)}</text>")
-    if labels:
-        for look in (looks[0], looks[-1]):
-            if look < len(labels):
-                parts.append(f"<text x='{x(look):.1f}' y='{height - 10}' font-size='9' text-anchor='middle'>"
-                             f"{html.escape(labels[look])}</text>")
-    parts.append("</svg>")
-    return "".join(parts)
+        bound = [(index[r["look"]], r.get("sequential_bound")) for r in rows if r["variant"] == variants[0]]
+        series.append(Series("upper bound", [(i, b, None, None) for i, b in bound], "#d93025", dashed=True))
+        series.append(Series("lower bound", [(i, -b if b is not None else None, None, None) for i, b in bound],
+                             "#d93025", dashed=True))
+        chart = Chart("z statistic vs sequential bounds", x_labels, series,
+                      y_format=lambda v: f"{v:.1f}", aria="z statistic vs sequential bounds")
+    return chart.svg()
+
+
+def _axis_pct(value: float) -> str:
+    return fmt_pct(value, 1 if abs(value) >= 0.001 or value == 0 else 3, sign=value != 0)
+
+
+def _look_labels(looks: list[int], labels: list[str]) -> list[str]:
+    with_year = len({d[:4] for d in labels}) > 1
+    return [date_label(labels[k], with_year) if k < len(labels) else f"look {k + 1}" for k in looks]
+
+
+def daily_effect_svg(document: dict[str, Any], metric: dict[str, Any], colours: dict[str, str]) -> str:
+    """Each day's own effect (units first exposed that day), with its nominal interval."""
+    daily = document.get("daily") or {}
+    per_day = (daily.get("metrics") or {}).get(metric.get("metric"))
+    dates = daily.get("dates") or []
+    if not per_day or not dates:
+        return ""
+    with_year = len({d[:4] for d in dates}) > 1
+    variants = list(dict.fromkeys(c["variant"] for day in per_day for c in day))
+    series = [Series(v, [(i, c.get("relative_diff"), c.get("relative_ci_lower"), c.get("relative_ci_upper"))
+                         for i, day in enumerate(per_day) for c in day if c["variant"] == v],
+                     colours.get(v, PALETTE[n % len(PALETTE)])) for n, v in enumerate(variants)]
+    return Chart("daily relative effect (units first exposed that day)", [date_label(d, with_year) for d in dates],
+                 series, y_format=_axis_pct, style="points", aria="daily relative effect").svg()
+
+
+def units_svg(document: dict[str, Any], colours: dict[str, str]) -> str:
+    """Units first exposed per day, per variant."""
+    daily = document.get("daily") or {}
+    dates = daily.get("dates") or []
+    units = daily.get("units") or {}
+    if not dates or not units:
+        return ""
+    with_year = len({d[:4] for d in dates}) > 1
+    series = [Series(v, [(i, float(n), None, None) for i, n in enumerate(counts)], colours.get(v, PALETTE[0]),
+                     band=False) for v, counts in units.items()]
+    return Chart("units first exposed per day", [date_label(d, with_year) for d in dates], series,
+                 y_format=lambda v: fmt_number(round(v) if float(v).is_integer() else v, 3),
+                 aria="units per day per variant").svg()
 
 
 def _comparison_table(metric: dict[str, Any]) -> str:
@@ -164,10 +173,10 @@ def _comparison_table(metric: dict[str, Any]) -> str:
             f"<td>{_fmt(v.get('mean'))}</td><td>{_fmt(c.get('diff'))}</td>"
             f"<td>[{_fmt(c.get('ci_lower'))}, {_fmt(c.get('ci_upper'))}]</td><td>{_pct(c.get('relative_diff'))}</td>"
             f"<td>[{_pct(c.get('relative_ci_lower'))}, {_pct(c.get('relative_ci_upper'))}]</td>"
-            f"<td>{_fmt(c.get('p_value'), 3)}</td><td>{html.escape(str(c.get('method')))}, "
+            f"<td>{fmt_p(c.get('p_value'))}</td><td>{html.escape(str(c.get('method')))}, "
             f"{html.escape(str(c.get('alternative')))}</td>"
             f"<td class='{'sig' if c.get('significant') else ''}'>{_fmt(c.get('significant'))}</td></tr>")
-    return f"<table>{head}{''.join(body)}</table>"
+    return f"<div class='scroll'><table>{head}{''.join(body)}</table></div>"
 
 
 def render_html(document: dict[str, Any]) -> str:
@@ -175,7 +184,8 @@ def render_html(document: dict[str, Any]) -> str:
     name = html.escape(str(document.get("experiment", "")))
     decision = document.get("decision") or {}
     rec = str(decision.get("recommendation", ""))
-    out = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+    out = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+           "<meta name='viewport' content='width=device-width, initial-scale=1'>",
            f"<title>{name}: experiment results</title><style>{_CSS}</style></head><body>",
            f"<h1>{name}</h1>",
            f"<div class='meta'>flag {_fmt(document.get('flag'))} · computed {_fmt(document.get('computed_at'))} · "
@@ -196,7 +206,7 @@ def render_html(document: dict[str, Any]) -> str:
         rows = "".join(f"<tr><td class='l'>{html.escape(v)}</td><td>{_fmt(srm['observed'].get(v))}</td>"
                        f"<td>{_fmt(srm['expected'].get(v))}</td><td>{_pct(srm['expected_split'].get(v)).lstrip('+')}"
                        f"</td></tr>" for v in srm.get("observed", {}))
-        out.append(f"<h2>Sample ratio check: {status}</h2><p>chi-square p-value {_fmt(srm.get('p_value'), 3)} "
+        out.append(f"<h2>Sample ratio check: {status}</h2><p>chi-square p-value {fmt_p(srm.get('p_value'))} "
                    f"(mismatch below {_fmt(srm.get('threshold'))})</p><table><tr><th class='l'>variant</th>"
                    f"<th>units</th><th>expected</th><th>expected share</th></tr>{rows}</table>")
     exclusions = document.get("exclusions")
@@ -205,6 +215,12 @@ def render_html(document: dict[str, Any]) -> str:
                    f"variants, {_fmt(exclusions.get('unknown_variant'))} to unknown variants; "
                    f"lake rows scanned: {_fmt(document.get('rows_scanned'))}</p>")
     labels = [str(d) for d in document.get("look_dates", [])]
+    colours = _colours(document)
+    units_chart = units_svg(document, colours)
+    if units_chart:
+        out.append(f"<h2>Units</h2><div class='charts'>{units_chart}</div>")
+    if document.get("daily"):
+        out.append(f"<p class='meta'>{html.escape(str(document['daily'].get('note', '')))}</p>")
     for metric in document.get("metrics", []):
         role = metric.get("role")
         extra = f", margin {_pct(metric.get('nim')).lstrip('+')}" if role == "guardrail" else ""
@@ -216,9 +232,10 @@ def render_html(document: dict[str, Any]) -> str:
                                   for k, v in cuped.get("variance_reduction", {}).items())
             out.append(f"<p class='meta'>CUPED theta {_fmt(cuped.get('theta'))}; variance reduction {reduction}</p>")
         out.append(_comparison_table(metric))
-        charts = [interval_svg(metric), cumulative_svg(metric, labels)]
+        charts = [interval_svg(metric, colours), cumulative_svg(metric, labels, colours=colours),
+                  daily_effect_svg(document, metric, colours)]
         if seq and seq.get("method") == "group-sequential":
-            charts.append(cumulative_svg(metric, labels, key="z"))
+            charts.append(cumulative_svg(metric, labels, key="z", colours=colours))
         out.append(f"<div class='charts'>{''.join(c for c in charts if c)}</div>")
     warnings = document.get("warnings") or []
     if warnings:
@@ -237,7 +254,7 @@ def render_table(document: dict[str, Any]) -> str:
     if srm:
         units = ", ".join(f"{k}={v:,}" for k, v in srm["observed"].items())
         flag = "MISMATCH" if srm["mismatch"] else "ok"
-        lines.append(f"units: {units}   SRM p={_fmt(srm.get('p_value'), 3)} {flag}")
+        lines.append(f"units: {units}   SRM p={fmt_p(srm.get('p_value'))} {flag}")
     header = f"{'metric':<22} {'role':<9} {'variant':<12} {'control':>11} {'treatment':>11} {'relative':>9} " \
              f"{'interval':>21} {'p-value':>9}  sig"
     rows = []
@@ -249,7 +266,7 @@ def render_table(document: dict[str, Any]) -> str:
             mark = "better" if c.get("better") else "WORSE" if c.get("worse") else "yes" if c.get("significant") else ""
             rows.append(f"{metric['metric'][:22]:<22} {metric['role']:<9} {c['variant'][:12]:<12} "
                         f"{_fmt(control.get('mean')):>11} {_fmt(means.get(c['variant'], {}).get('mean')):>11} "
-                        f"{_pct(c.get('relative_diff')):>9} {interval:>21} {_fmt(c.get('p_value'), 3):>9}  {mark}")
+                        f"{_pct(c.get('relative_diff')):>9} {interval:>21} {fmt_p(c.get('p_value')):>9}  {mark}")
     if rows:
         lines += [header, "-" * len(header), *rows]
     decision = document.get("decision") or {}
