@@ -17,6 +17,8 @@ from twofold.server import ServerSettings, ServiceSetup, run_service
 from twofold.settings import add_server_arguments, env_default
 
 DEFAULT_PORT = 50053
+# The results web UI listens on the gRPC port + 2000 by default (metrics use + 1000).
+HTTP_PORT_OFFSET = 2000
 
 
 def _err(message: str) -> None:
@@ -142,20 +144,61 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
                         help="DuckDB threads (default: the cores DuckDB sees, plus one)")
     parser.add_argument("--memory-limit", default=env_default("analysis_memory_limit", None),
                         help="DuckDB memory limit, e.g. 3GB [TWOFOLD_ANALYSIS_MEMORY_LIMIT]")
+    parser.add_argument("--http-host", default=env_default("http_host", "0.0.0.0"),
+                        help="results web UI bind address [TWOFOLD_HTTP_HOST, default 0.0.0.0]")
+    parser.add_argument("--http-port", type=int,
+                        default=int(env_default("http_port", str(DEFAULT_PORT + HTTP_PORT_OFFSET)) or 0),
+                        help="results web UI port, 0 for any free port, -1 to turn it off "
+                             f"[TWOFOLD_HTTP_PORT, default {DEFAULT_PORT + HTTP_PORT_OFFSET}]")
+    parser.add_argument("--client-secrets-file", default=env_default("client_secrets_file", None),
+                        help="file with one client secret per line; the web UI then requires one in the "
+                             "Authorization header (Bearer, or Basic with the secret as password) "
+                             "[TWOFOLD_CLIENT_SECRETS_FILE]")
     add_server_arguments(parser, default_port=DEFAULT_PORT)
+
+
+def _read_secrets(path: str | None) -> list[str]:
+    if not path:
+        return []
+    secrets = [line.strip() for line in Path(path).read_text().splitlines()
+               if line.strip() and not line.lstrip().startswith("#")]
+    if not secrets:
+        raise ValueError(f"--client-secrets-file {path}: no secret in the file")
+    return secrets
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from analysis_worker.service import AnalysisWorker, registration
+    from analysis_worker.web import ResultsWebServer
+    from twofold.server import RunningServer
 
-    async def setup(_settings: ServerSettings) -> ServiceSetup:
+    if not -1 <= args.http_port <= 65535:
+        _err(f"--http-port must be within -1..65535, got {args.http_port}")
+        return 2
+    try:
+        secrets = _read_secrets(args.client_secrets_file)
+    except (OSError, ValueError) as exc:
+        _err(str(exc))
+        return 2
+
+    async def setup(settings: ServerSettings) -> ServiceSetup:
         worker = AnalysisWorker(args.experiments, args.lake, every_seconds=args.every, out_dir=args.out,
                                 threads=args.threads, memory_limit=args.memory_limit)
+        web = None if args.http_port < 0 else ResultsWebServer(
+            worker, args.http_host, args.http_port, tls=settings.tls, secrets=secrets)
 
-        async def on_started(_running: object) -> None:
+        async def on_started(running: RunningServer) -> None:
+            if web is not None:
+                web.start()
+                running.extra_ports["http_port"] = web.port
             worker.start()
 
-        return ServiceSetup(services=[registration(worker)], on_started=on_started, on_stop=worker.stop)
+        async def on_stop() -> None:
+            if web is not None:
+                web.stop()
+            await worker.stop()
+
+        return ServiceSetup(services=[registration(worker)], on_started=on_started, on_stop=on_stop)
 
     return run_service(args, setup)
 

@@ -35,7 +35,7 @@ table{border-collapse:collapse;margin:.5rem 0;font-size:.9rem}th,td{border:1px s
 text-align:right}th{background:#f5f5f5}td.l,th.l{text-align:left}.sig{font-weight:600}.bad{color:#d93025}
 .good{color:#188038}.charts{display:flex;flex-wrap:wrap;gap:1rem;align-items:flex-start}
 svg{background:#fff;border:1px solid #eee;max-width:100%;height:auto}.warn{color:#8a5300}
-.scroll{overflow-x:auto;max-width:100%}
+.scroll{overflow-x:auto;max-width:100%}nav{font-size:.9rem;margin-bottom:1rem}nav a{margin-right:1rem}
 @media (max-width:600px){body{margin:1rem auto;padding:0 .5rem}table{font-size:.8rem}th,td{padding:.2rem .35rem}}
 """
 
@@ -179,14 +179,19 @@ def _comparison_table(metric: dict[str, Any]) -> str:
     return f"<div class='scroll'><table>{head}{''.join(body)}</table></div>"
 
 
-def render_html(document: dict[str, Any]) -> str:
-    """The report for one results document."""
+def page_head(title: str) -> str:
+    """The start of a standalone page (shared by the report and the results web UI)."""
+    return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>")
+
+
+def render_html(document: dict[str, Any], nav: str = "") -> str:
+    """The report for one results document; `nav` is HTML placed above it (the web UI's links)."""
     name = html.escape(str(document.get("experiment", "")))
     decision = document.get("decision") or {}
     rec = str(decision.get("recommendation", ""))
-    out = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-           "<meta name='viewport' content='width=device-width, initial-scale=1'>",
-           f"<title>{name}: experiment results</title><style>{_CSS}</style></head><body>",
+    out = [page_head(f"{document.get('experiment', '')}: experiment results"), nav,
            f"<h1>{name}</h1>",
            f"<div class='meta'>flag {_fmt(document.get('flag'))} · computed {_fmt(document.get('computed_at'))} · "
            f"confidence {_fmt(document.get('confidence_level'))} · correction {_fmt(document.get('correction'))}"]

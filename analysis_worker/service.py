@@ -17,7 +17,7 @@ import datetime as dt
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,8 @@ class AnalysisWorker:
         self.rounds = 0
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        # Called (in the computing thread) after each successful computation, e.g. the web UI's history.
+        self.on_computed: list[Callable[[ExperimentState], None]] = []
 
     def _files(self) -> list[Path]:
         files: list[Path] = []
@@ -152,6 +154,11 @@ class AnalysisWorker:
         state.analysis, state.computed_at, state.error = result, dt.datetime.now(dt.UTC), ""
         LAST_SUCCESS.labels(state.name).set(time.time())
         SRM_MISMATCH.labels(state.name).set(1.0 if result.document["srm"]["mismatch"] else 0.0)
+        for listener in self.on_computed:
+            try:
+                listener(state)
+            except Exception:
+                log.exception("results listener failed", extra={"fields": {"experiment": state.name}})
         if self.out_dir is not None:
             try:
                 result.write(self.out_dir)

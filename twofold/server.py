@@ -49,6 +49,8 @@ class RunningServer:
     service_names: tuple[str, ...]
     settings: ServerSettings
     metrics_port: int | None = None
+    # Further ports a service opens itself (e.g. the analysis web UI), published in the ready file.
+    extra_ports: dict[str, int] = field(default_factory=dict)
     _metrics_httpd: Any = None
     _on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -187,10 +189,10 @@ class ServiceSetup:
 
 def write_ready_file(path: str | None, running: RunningServer) -> None:
     """Atomically publish the bound ports, so a parent process can find a port-0 server."""
-    write_ready_port(path, running.port, running.metrics_port)
+    write_ready_port(path, running.port, running.metrics_port, **running.extra_ports)
 
 
-def write_ready_port(path: str | None, port: int, metrics_port: int | None) -> None:
+def write_ready_port(path: str | None, port: int, metrics_port: int | None, **extra_ports: int) -> None:
     """Write `{pid, port, metrics_port}` to `path` by rename, so readers never see half a file."""
     if not path:
         return
@@ -200,7 +202,7 @@ def write_ready_port(path: str | None, port: int, metrics_port: int | None) -> N
 
     target = Path(path)
     tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "port": port, "metrics_port": metrics_port}))
+    tmp.write_text(json.dumps({"pid": os.getpid(), "port": port, "metrics_port": metrics_port, **extra_ports}))
     os.replace(tmp, target)
 
 
