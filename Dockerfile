@@ -63,7 +63,7 @@ ENV PATH=/opt/twofold/bin:$PATH \
     TWOFOLD_LOG_FORMAT=json
 USER 10001:10001
 WORKDIR /tmp
-# gRPC 5005x, Prometheus 5105x (assignment, model, analysis).
-EXPOSE 50051 50052 50053 51051 51052 51053
+# gRPC 5005x, Prometheus 5105x (assignment, model, analysis); the analysis results web UI 52053.
+EXPOSE 50051 50052 50053 51051 51052 51053 52053
 ENTRYPOINT ["twofold"]
 CMD ["--help"]

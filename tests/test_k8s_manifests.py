@@ -152,8 +152,11 @@ def test_hot_path_services_are_headless_and_select_their_pods(docs: list[Manifes
         deployment = one(docs, "Deployment", name)
         assert service["spec"]["selector"].items() <= _pod_labels(deployment).items()
         container = _container(deployment)
+        # Every named container port is reachable through the Service (grpc, metrics, and the
+        # analysis worker's results web UI), on the same number.
         assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {
-            "grpc": _port(container, "grpc"), "metrics": _port(container, "metrics")}
+            p["name"]: p["containerPort"] for p in container["ports"]}
+        assert {"grpc", "metrics"} <= {p["name"] for p in container["ports"]}
         if name in HOT_PATH:
             assert service["spec"]["clusterIP"] == "None", f"{name} must be headless for client-side round-robin"
 
@@ -222,8 +225,11 @@ def test_network_policies_cover_every_pod(docs: list[Manifest]) -> None:
         open_ports = {port["port"] for p in selecting for rule in p["spec"].get("ingress", [])
                       for port in rule.get("ports", [])}
         container = _container(deployment)
-        # Named ports in the policies resolve to ports the container declares.
-        assert open_ports == {"grpc", "metrics"} and {p["name"] for p in container["ports"]} >= open_ports
+        # Named ports in the policies resolve to ports the container declares; the analysis
+        # worker also opens its results web UI.
+        expected = {"grpc", "metrics", "http"} if deployment["metadata"]["name"] == "analysis-worker" \
+            else {"grpc", "metrics"}
+        assert open_ports == expected and {p["name"] for p in container["ports"]} >= open_ports
 
 
 def test_service_monitor_scrapes_every_server(docs: list[Manifest]) -> None:
@@ -361,3 +367,15 @@ def test_prod_keeps_sticky_assignments_in_redis_from_a_secret() -> None:
         else:
             assert _arg(args, "--materializations").endswith(".sqlite")
             assert "TWOFOLD_MATERIALIZATIONS" not in env
+
+
+def test_the_analysis_workers_results_web_ui_is_exposed_and_allowed_in(docs: list[Manifest]) -> None:
+    deployment = one(docs, "Deployment", "analysis-worker")
+    port = _port(_container(deployment), "http")
+    assert _env(docs, deployment)["TWOFOLD_HTTP_PORT"] == str(port)
+    service = one(docs, "Service", "analysis-worker")
+    assert {"name": "http", "port": port}.items() <= next(
+        p for p in service["spec"]["ports"] if p["name"] == "http").items()
+    policy = one(docs, "NetworkPolicy", "twofold-allow-results-viewers")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= _pod_labels(deployment).items()
+    assert policy["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": "http"}]
