@@ -40,6 +40,8 @@ class ServerProcess:
     ready_file: Path
     port: int = 0
     metrics_port: int | None = None
+    # The analysis server's results web UI, when it opened one.
+    http_port: int | None = None
     _log: IO[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -113,6 +115,7 @@ def start_server(name: str, args: Sequence[str], workdir: Path, *, port: int = 0
         time.sleep(0.05)
     info = json.loads(ready.read_text())
     server.port, server.metrics_port = int(info["port"]), info.get("metrics_port")
+    server.http_port = info.get("http_port")
     return server
 
 

@@ -59,6 +59,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-evaluation", action="store_true",
                         help="resolve flags in process from the assignment server's state stream")
     parser.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
+    parser.add_argument("--serve", action="store_true",
+                        help="at the end, keep the analysis server and its results web UI up until Ctrl-C")
 
 
 def _say(message: str) -> None:
@@ -109,7 +111,7 @@ def _start_servers(group: ServerGroup, paths: dict[str, Path]) -> dict[str, Serv
                   "--log-format", "text"],
         "analysis": ["serve-analysis", "--experiments", str(paths["experiments"]), "--lake", str(paths["lake"]),
                      "--every", "5s", "--out", str(paths["results"] / "served"), "--threads", "1",
-                     "--log-format", "text"],
+                     "--http-host", "127.0.0.1", "--http-port", "0", "--log-format", "text"],
     }
     pool = concurrent.futures.ThreadPoolExecutor(len(commands))
     try:
@@ -316,7 +318,25 @@ def _run(args: argparse.Namespace, folder: Path, paths: dict[str, Path], group: 
     _say(f"Results: {json_path}")
     _say(f"Report:  {html_path}")
     _say(f"Servers' logs: {paths['logs']}")
+    web = servers["analysis"].http_port
+    if web:
+        _say(f"Results web UI: http://127.0.0.1:{web}/  (this experiment: "
+             f"http://127.0.0.1:{web}/experiments/{analysis.experiment})")
     elapsed = time.monotonic() - started
+    code = _verdict(recovery, elapsed)
+    if args.serve and web:
+        _say("Serving the results until Ctrl-C ...")
+        try:
+            while servers["analysis"].alive():
+                time.sleep(0.5)
+            _say("the analysis server exited; see its log")
+        except KeyboardInterrupt:
+            _say("\nstopping")
+    return code
+
+
+def _verdict(recovery: experiment.Recovery, elapsed: float) -> int:
+    """Print whether the analysis recovered the known effects; the exit code."""
     if recovery.recovered:
         covered = sum(c.covered for c in recovery.checks)
         _say(f"RECOVERED: the analysis found the known effects: both personalized systems' true conversion "
