@@ -221,7 +221,7 @@ class Chart:
             out.append(self._series_svg(s, pts, y, step))
             del k
         for x, anchor, text in pick_labels(xs, self.x_labels, 2.0, WIDTH - 2.0):
-            out.append(f"<text class='xtick' x='{x:.1f}' y='{bottom + 16:.1f}' font-size='{FONT - 1}' "
+            out.append(f"<text class='xtick' x='{x:.1f}' y='{bottom + 19:.1f}' font-size='{FONT - 1}' "
                        f"text-anchor='{anchor}'>{_esc(text)}</text>")
         for x, row, s in legend:
             ly = 30 + 15 * row
@@ -297,7 +297,7 @@ def interval_chart(rows: list[IntervalRow], *, margin: float | None = None, titl
     max_ticks = max(2, int((right - left) // (text_width("+100.00%", FONT - 1) + 10)))
     ticks = nice_ticks(min(values), max(values), max_ticks)
     lo, hi = ticks[0], ticks[-1]
-    row_h, top = 30, 30
+    row_h, top = 30, 44  # room for the title, then the margin's label above the plot
     height = top + row_h * len(rows) + 26
 
     def x(v: float) -> float:
