@@ -184,6 +184,14 @@ def analyze(experiment: str | Path | Mapping[str, Any] | ExperimentConfig, lake:
             else:
                 message = f"no exposures of flag {config.flag!r}{where} {window}"
             return failed(message, scanned)
+        segments: dict[str, Any] | None = None
+        if config.dimensions:
+            from analysis_worker.segments import segment_breakdowns
+
+            try:
+                segments = segment_breakdowns(con, lake, config, query, stats_input_from_rows)
+            except duckdb.Error as exc:
+                segments = {"dimensions": [], "error": f"reading the segments failed: {exc}"}
     finally:
         con.close()
 
@@ -207,6 +215,8 @@ def analyze(experiment: str | Path | Mapping[str, Any] | ExperimentConfig, lake:
     from analysis_worker.breakdowns import daily
 
     document["daily"] = daily(config, data, stats_input_from_rows)
+    if segments is not None:
+        document["segments"] = segments
     document["warnings"] = warnings + document.get("warnings", [])
     if excluded.get(MULTIPLE):
         document["warnings"].append(f"{excluded[MULTIPLE]} unit(s) exposed to more than one variant were excluded")

@@ -125,6 +125,8 @@ class ExperimentConfig:
     sequential: SequentialConfig | None = None
     description: str = ""
     source: str = ""
+    # Exposure dimensions (context attributes the flag records) to break every metric down by.
+    dimensions: tuple[str, ...] = ()
 
     def flag_names(self) -> tuple[str, str]:
         """Both spellings of the flag in the exposures table: the assignment server writes the
@@ -296,7 +298,7 @@ def parse_experiment(raw: Any, source: str = "") -> ExperimentConfig:
     if not isinstance(raw, Mapping):
         raise ConfigError("an experiment definition must be a mapping")
     known = {"name", "flag", "rule", "control", "variants", "start", "end", "alpha", "power", "correction",
-             "sequential", "metrics", "description"}
+             "sequential", "metrics", "description", "dimensions"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown field(s) {', '.join(unknown)}")
@@ -349,9 +351,15 @@ def parse_experiment(raw: Any, source: str = "") -> ExperimentConfig:
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise ConfigError(f"metrics: duplicate names {', '.join(duplicated)}")
+    dimensions = raw.get("dimensions") or []
+    if not isinstance(dimensions, list) or not all(isinstance(d, str) and d.strip() for d in dimensions) \
+            or len(set(dimensions)) != len(dimensions):
+        raise ConfigError("dimensions: expected a list of distinct dimension names the flag records, "
+                          f"such as [country, platform]; got {dimensions!r}")
     return ExperimentConfig(name=name, flag=flag, control=control, split=split, start=start, end=end, rule=rule,
                             alpha=alpha, power=power, correction=correction, sequential=sequential,
-                            metrics=metrics, description=str(raw.get("description", "")), source=source)
+                            metrics=metrics, description=str(raw.get("description", "")), source=source,
+                            dimensions=tuple(dimensions))
 
 
 def load_experiment(source: str | Path | Mapping[str, Any]) -> ExperimentConfig:

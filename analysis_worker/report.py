@@ -141,6 +141,40 @@ def daily_effect_svg(document: dict[str, Any], metric: dict[str, Any], colours: 
                  series, y_format=_axis_pct, style="points", aria="daily relative effect").svg()
 
 
+def segments_html(document: dict[str, Any], colours: dict[str, str]) -> str:
+    """Per dimension and metric: each segment's relative effect and nominal interval, chart and table."""
+    segments = document.get("segments") or {}
+    if not segments.get("dimensions"):
+        error = segments.get("error")
+        return f"<h2>Segments</h2><p class='warn'>{html.escape(str(error))}</p>" if error else ""
+    out = ["<h2>Segments</h2>", f"<p class='meta'>{html.escape(str(segments.get('note', '')))}</p>"]
+    for dim in segments["dimensions"]:
+        name = html.escape(str(dim["dimension"]))
+        left = ""
+        if dim.get("other_values"):
+            left = (f" (the {len(dim['values'])} largest segments; {fmt_number(dim['other_values'])} more with "
+                    f"{fmt_number(dim['other_units'])} units not shown)")
+        out.append(f"<h3>by {name}{html.escape(left)}</h3>")
+        units = "".join(f"<tr><td class='l'>{html.escape(str(v['value']))}</td>"
+                        + "".join(f"<td>{fmt_number(n)}</td>" for n in v["units"].values()) + "</tr>"
+                        for v in dim["values"])
+        variants = list(dim["values"][0]["units"]) if dim["values"] else []
+        out.append("<div class='scroll'><table><tr><th class='l'>segment</th>"
+                   + "".join(f"<th>{html.escape(v)} units</th>" for v in variants) + f"</tr>{units}</table></div>")
+        charts = []
+        for metric in document.get("metrics", []):
+            rows = [IntervalRow(label=f"{v['value']} · {c['variant']}" if len(variants) > 2 else str(v["value"]),
+                                value=c["relative_diff"], lower=c.get("relative_ci_lower"),
+                                upper=c.get("relative_ci_upper"), colour=colours.get(c["variant"], PALETTE[0]))
+                    for v in dim["values"] for c in v.get("metrics", {}).get(metric["metric"], [])
+                    if c.get("relative_diff") is not None]
+            chart = interval_chart(rows, title=f"{metric['metric']}: relative effect by {dim['dimension']}")
+            if chart:
+                charts.append(chart)
+        out.append(f"<div class='charts'>{''.join(charts)}</div>")
+    return "".join(out)
+
+
 def units_svg(document: dict[str, Any], colours: dict[str, str]) -> str:
     """Units first exposed per day, per variant."""
     daily = document.get("daily") or {}
@@ -242,6 +276,7 @@ def render_html(document: dict[str, Any], nav: str = "") -> str:
         if seq and seq.get("method") == "group-sequential":
             charts.append(cumulative_svg(metric, labels, key="z", colours=colours))
         out.append(f"<div class='charts'>{''.join(c for c in charts if c)}</div>")
+    out.append(segments_html(document, colours))
     warnings = document.get("warnings") or []
     if warnings:
         out.append("<h2>Warnings</h2><ul>" + "".join(f"<li class='warn'>{html.escape(str(w))}</li>"

@@ -50,6 +50,18 @@ def _ids(prefix: str, values: np.ndarray) -> pa.Array:
     return pc.binary_join_element_wise(pa.scalar(prefix), pa.array(values).cast(pa.string()), "")
 
 
+def _dimensions(rng: np.random.Generator, units: int, dimensions: dict[str, tuple[str, ...]] | None) -> pa.Array:
+    """Per unit, the JSON of one value per dimension drawn uniformly (null when none are declared)."""
+    if not dimensions:
+        return pa.nulls(units, pa.string())
+    text = pa.array(np.full(units, "{"))
+    for i, (name, values) in enumerate(sorted(dimensions.items())):
+        drawn = pa.array(np.asarray(values)[rng.integers(0, len(values), size=units)])
+        prefix = pa.scalar(("," if i else "") + f'"{name}":"')
+        text = pc.binary_join_element_wise(text, prefix, drawn, pa.scalar('"'), "")
+    return pc.binary_join_element_wise(text, pa.scalar("}"), "")
+
+
 def _write_by_day(root: Path, table: str, columns: dict[str, pa.Array], ts_us: np.ndarray, part: str) -> None:
     schema = TABLE_SCHEMAS[table]
     day = ts_us // DAY_US
@@ -71,8 +83,13 @@ def _write_by_day(root: Path, table: str, columns: dict[str, pa.Array], ts_us: n
 def write_synthetic_lake(root: str | os.PathLike[str], *, exposures: int = 10_000_000, events: int = 30_000_000,
                          flag: str = "home-ranking", variants: tuple[str, str] = ("control", "bandit"),
                          start: dt.date = dt.date(2026, 11, 1), days: int = 28, effect: float = 0.03,
-                         seed: int = 7, chunk: int = 4_000_000) -> SyntheticLake:
-    """Write `exposures` exposure rows and `events` event rows for one two-arm experiment on `flag`."""
+                         seed: int = 7, chunk: int = 4_000_000,
+                         dimensions: dict[str, tuple[str, ...]] | None = None) -> SyntheticLake:
+    """Write `exposures` exposure rows and `events` event rows for one two-arm experiment on `flag`.
+
+    `dimensions` (e.g. {"country": ("SE", "US")}) gives every unit one value per dimension, recorded
+    in the exposures' `dimensions` JSON column (null without it, as a flag declaring none).
+    """
     rng = np.random.default_rng(seed)
     base = Path(root)
     units = max(2, exposures // 2)
@@ -106,6 +123,7 @@ def write_synthetic_lake(root: str | os.PathLike[str], *, exposures: int = 10_00
         "flag": pa.array(np.full(n_rows, flag)), "rule": pa.array(np.full(n_rows, f"{flag}-experiment")),
         "variant": variant_col.take(pa.array(rows)), "assignment_id": _ids("a", unit_idx[rows] % 10_000),
         "resolve_id": _ids("r", rows), "client": pa.array(np.full(n_rows, "backend")),
+        "dimensions": _dimensions(rng, units, dimensions).take(pa.array(unit_idx[rows])),
     }
     _write_by_day(base, "exposures", columns, ts[rows], "part-0")
 

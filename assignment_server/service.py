@@ -61,6 +61,23 @@ def _micros(ts: timestamp_pb2.Timestamp) -> int:
     return ts.seconds * 1_000_000 + ts.nanos // 1000
 
 
+def exposure_dimensions(declared: Iterable[str], context: dict[str, Any]) -> str:
+    """The exposure's `dimensions` column: the declared context attributes as a JSON object.
+
+    A name may be a dotted path into nested context objects (`device.platform`). Attributes the
+    context lacks are left out (the analysis counts them as "(missing)"); keys are sorted so equal
+    contexts give equal strings.
+    """
+    out: dict[str, Any] = {}
+    for name in declared:
+        value: Any = context
+        for part in name.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None and not isinstance(value, (dict, list)):
+            out[name] = value
+    return json.dumps(out, sort_keys=True, separators=(",", ":"))
+
+
 def _exposure_id(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
@@ -273,6 +290,7 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
         response = pb.ResolveFlagsResponse(resolve_id=resolve_id)
         out = response.resolved_flags
         to_apply: dict[str, tuple[TokenAssignment, ...]] = {}
+        dims: dict[str, str] = {}
         for f in results:
             out.append(self._message(served, f))
             self._count(f)
@@ -282,20 +300,24 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
                 if f.reason == Reason.MATCH:
                     items.append(TokenAssignment(f.targeting_key, f.rule, f.segment, f.variant, f.assignment_id))
                 to_apply[f.flag] = tuple(items)
+                declared = served.state.flags[f.flag].dimensions if f.flag in served.state.flags else ()
+                if declared:
+                    dims[f.flag] = exposure_dimensions(declared, ctx)
         if request.apply:
             now = int(time.time() * 1_000_000)
             await self._write_exposures([
-                self._exposure(resolve_id, flag, a, client.name, now)
+                self._exposure(resolve_id, flag, a, client.name, now, dims.get(flag))
                 for flag, items in to_apply.items() for a in items], context)
         elif to_apply:
-            response.resolve_token = self.tokens.seal(new_token(resolve_id, client.name, to_apply))
+            response.resolve_token = self.tokens.seal(new_token(resolve_id, client.name, to_apply, dims))
         return response
 
     @staticmethod
-    def _exposure(resolve_id: str, flag: str, a: TokenAssignment, client: str, ts: int) -> dict[str, Any]:
+    def _exposure(resolve_id: str, flag: str, a: TokenAssignment, client: str, ts: int,
+                  dimensions: str | None = None) -> dict[str, Any]:
         return {"exposure_id": _exposure_id(resolve_id, flag, a.rule, a.unit), "ts": ts, "unit": a.unit,
                 "flag": flag, "rule": a.rule, "variant": a.variant, "assignment_id": a.assignment_id,
-                "resolve_id": resolve_id, "client": client}
+                "resolve_id": resolve_id, "client": client, "dimensions": dimensions}
 
     # -- ApplyFlags -----------------------------------------------------------------------------
 
@@ -332,7 +354,8 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
                 if not applied.HasField("apply_time"):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"apply_time is required for {name}")
                 ts = corrected(applied.apply_time)
-                records.extend(self._exposure(token.resolve_id, name, a, client.name, ts)
+                records.extend(self._exposure(token.resolve_id, name, a, client.name, ts,
+                                              token.dimensions.get(name))
                                for a in token.assignments[name])
         state = served.state
         for la in request.local_assignments:

@@ -22,7 +22,7 @@ import itertools
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -53,6 +53,10 @@ class ResolveToken:
     issued_at: float
     # Per flag, the assignments an apply logs: the match, and any fallthrough assignments passed.
     assignments: dict[str, tuple[TokenAssignment, ...]]
+    # Per flag that declares dimensions: the exposure's `dimensions` JSON, taken from the context
+    # at resolve time (an apply carries no context). Sealed after the assignments, so tokens
+    # issued before this field existed still open.
+    dimensions: dict[str, str] = field(default_factory=dict)
 
 
 def load_key(key: str | None = None, key_file: str | None = None) -> tuple[bytes, str]:
@@ -129,6 +133,9 @@ class TokenCodec:
             for a in items:
                 out.append(_part(a.unit))
                 out.append(_packed(a.rule, a.segment, a.variant, a.assignment_id))
+        if token.dimensions:
+            out.append(_part(str(len(token.dimensions))))
+            out.extend(_part(flag) + _part(dims) for flag, dims in token.dimensions.items())
         nonce = self._nonce()
         return _VERSION + nonce + self._aead.encrypt(nonce, b"".join(out), _AAD)
 
@@ -144,14 +151,21 @@ class TokenCodec:
                 i += 2
                 assignments[flag] = tuple(TokenAssignment(*parts[i + 5 * k:i + 5 * k + 5]) for k in range(n))
                 i += 5 * n
+            dimensions: dict[str, str] = {}
+            if i < len(parts):
+                count, i = int(parts[i]), i + 1
+                for _ in range(count):
+                    dimensions[parts[i]] = parts[i + 1]
+                    i += 2
             if i != len(parts):
                 raise ValueError("trailing token fields")
-            return ResolveToken(resolve_id, client, issued, assignments)
+            return ResolveToken(resolve_id, client, issued, assignments, dimensions)
         except InvalidTag as exc:
             raise InvalidTokenError("resolve token was not issued by this server or was altered") from exc
         except (ValueError, IndexError, TypeError, UnicodeDecodeError) as exc:
             raise InvalidTokenError("malformed resolve token") from exc
 
 
-def new_token(resolve_id: str, client: str, assignments: dict[str, tuple[TokenAssignment, ...]]) -> ResolveToken:
-    return ResolveToken(resolve_id, client, time.time(), assignments)
+def new_token(resolve_id: str, client: str, assignments: dict[str, tuple[TokenAssignment, ...]],
+              dimensions: dict[str, str] | None = None) -> ResolveToken:
+    return ResolveToken(resolve_id, client, time.time(), assignments, dimensions or {})

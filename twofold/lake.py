@@ -64,6 +64,9 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
         ("exposure_id", pa.string()), ("ts", _TS), ("unit", pa.string()), ("flag", pa.string()),
         ("rule", pa.string()), ("variant", pa.string()), ("assignment_id", pa.string()),
         ("resolve_id", pa.string()), ("client", pa.string()),
+        # JSON object of the evaluation-context attributes the flag declares as dimensions; null when
+        # it declares none. Files written before the column existed simply lack it (readers: null).
+        ("dimensions", pa.string()),
     ]),
     "events": pa.schema([
         ("event_id", pa.string()), ("ts", _TS), ("unit", pa.string()), ("name", pa.string()),

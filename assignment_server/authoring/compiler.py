@@ -41,7 +41,8 @@ DEFAULT_BUCKET_COUNT = 10_000
 EVERYONE = "segments/everyone"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
-FLAG_KEYS = {"flag", "description", "owner", "clients", "archived", "variants", "default", "rules", "schema"}
+FLAG_KEYS = {"flag", "description", "owner", "clients", "archived", "variants", "default", "rules", "schema",
+             "dimensions"}
 RULE_KEYS = {"name", "description", "when", "serve", "rollout", "experiment", "overrides", "environments",
              "enabled", "targeting_key"}
 EXPERIMENT_KEYS = {"name", "allocation", "arms", "namespace", "exclusive_with", "bucket_count", "sticky"}
@@ -381,6 +382,14 @@ class _Compiler:
                     "clients": clients, "variants": variant_list, "rules": flag.rules}
         if doc.get("description"):
             compiled["description"] = str(doc["description"])
+        if "dimensions" in doc:
+            dims = doc["dimensions"]
+            if not isinstance(dims, list) or not all(isinstance(d, str) and d.strip() for d in dims) \
+                    or len(set(dims)) != len(dims):
+                f.error(doc, "`dimensions` is a list of distinct evaluation-context attribute names "
+                             "(e.g. [country, platform]) recorded with each exposure", "dimensions")
+            else:
+                compiled["dimensions"] = [str(d) for d in dims]
         self.flags[f"flags/{name}"] = compiled
 
     def compile_rule(self, flag: _Flag, rule: Located, seen: set[str]) -> None:

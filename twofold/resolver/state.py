@@ -118,6 +118,8 @@ class Flag:
     clients: frozenset[str]
     variants: dict[str, dict]
     rules: tuple[Rule, ...]
+    # Evaluation-context attributes recorded with each exposure (the analysis breaks results down by them).
+    dimensions: tuple[str, ...] = ()
 
     @property
     def uses_materializations(self) -> bool:
@@ -328,7 +330,8 @@ def _load_flags(doc: dict) -> dict[str, Flag]:
         rules = tuple(_load_rule(name, r, variants) for r in f.get("rules") or [])
         flags[name] = Flag(name=name, state=str(f.get("state", ACTIVE)),
                            clients=frozenset(str(c) for c in f.get("clients") or []),
-                           variants=variants, rules=rules)
+                           variants=variants, rules=rules,
+                           dimensions=tuple(str(d) for d in f.get("dimensions") or ()))
     return flags
 
 
