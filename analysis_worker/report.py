@@ -153,7 +153,7 @@ def segments_html(document: dict[str, Any], colours: dict[str, str]) -> str:
         left = ""
         if dim.get("other_values"):
             left = (f" (the {len(dim['values'])} largest segments; {fmt_number(dim['other_values'])} more with "
-                    f"{fmt_number(dim['other_units'])} units not shown)")
+                    f"{fmt_number(dim['other_units'])} exposed units not shown)")
         out.append(f"<h3>by {name}{html.escape(left)}</h3>")
         units = "".join(f"<tr><td class='l'>{html.escape(str(v['value']))}</td>"
                         + "".join(f"<td>{fmt_number(n)}</td>" for n in v["units"].values()) + "</tr>"

@@ -38,6 +38,8 @@ def flags_yaml() -> str:
              "bandit": {"system": "bandit", "model": BANDIT, "fallback": {"theme": world.STATIC_THEME}},
          },
          "default": "static",
+         # Recorded with each exposure: the analysis breaks every metric down by country.
+         "dimensions": ["country"],
          "rules": [{"name": "ranking-test",
                     "experiment": {"allocation": "100%", "arms": {arm: 1 for arm in ARMS}}}]},
         {"client": "demo-backend", "secrets": [{"secret": CLIENT_SECRET}]},
@@ -56,6 +58,7 @@ def experiment_config(start: dt.datetime, end: dt.datetime | None = None) -> dic
         "start": start.isoformat(),
         "alpha": 0.05,
         "correction": "bonferroni",
+        "dimensions": ["country"],
         "metrics": [
             {"name": "conversion", "kind": "binary", "event": "purchase", "window": WINDOW,
              "role": "success", "direction": "increase"},
