@@ -214,7 +214,8 @@ class Chart:
         estimates = [s for s in self.series if not s.dashed]
         for k, s in enumerate(self.series):
             dodge = 0.0
-            if self.style == "points" and len(estimates) > 1 and not s.dashed:
+            # Side by side where points of several series share an x (points, or a single look).
+            if (self.style == "points" or n == 1) and len(estimates) > 1 and not s.dashed:
                 j = estimates.index(s)
                 dodge = (j - (len(estimates) - 1) / 2) * min(10.0, step * 0.7 / len(estimates))
             pts = [(xs[i] + dodge, v, lo_v, hi_v) for i, v, lo_v, hi_v in s.points if 0 <= i < n]

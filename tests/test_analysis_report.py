@@ -119,3 +119,12 @@ def test_many_variants_and_huge_counts_render(tmp_path: Path) -> None:
     assert "4,000,000" in page and not re.search(r"\d\.\d+e[+-]\d", page)
     interval = _charts(page)["relative effect vs control (interval of the test)"]
     assert interval.count("<circle class='mark'") == 7
+
+
+def test_one_look_points_of_several_variants_stand_side_by_side() -> None:
+    from analysis_worker.charts import Chart, Series
+
+    svg = Chart("units", ["Nov 1"], [Series(v, [(0, 1000.0 + i, None, None)], band=False)
+                                      for i, v in enumerate(("a", "b", "c"))]).svg()
+    xs = re.findall(r"<circle class='mark' cx='([\d.]+)'", svg)
+    assert len(xs) == 3 and len(set(xs)) == 3

@@ -267,3 +267,51 @@ def test_http_port_minus_one_turns_the_ui_off(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@pytest.mark.timeout(300)
+def test_the_demo_serves_its_experiment_with_every_chart_and_a_country_breakdown(tmp_path: Path,
+                                                                                browser: Browser) -> None:
+    """`twofold demo --serve`: the printed address serves the demo's experiment until Ctrl-C."""
+    folder = tmp_path / "demo"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "twofold", "demo", "--dir", str(folder), "--users", "3000", "--train-rows", "8000",
+         "--no-progress", "--serve"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        url = None
+        for line in proc.stdout:
+            lines.append(line)
+            found = re.search(r"this experiment: (http://127\.0\.0\.1:\d+/experiments/[\w-]+)", line)
+            url = found.group(1) if found else url
+            if "Serving the results until Ctrl-C" in line:
+                break
+        assert url, "".join(lines)[-3000:]
+        # The served document is the scheduled computation over the complete lake.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _get(url)[0] != 200:
+            time.sleep(0.5)
+        browser.resize(1200, 900)
+        browser.goto(url)
+        charts = _check_charts(browser, "demo")
+        assert any(c["label"] == "home-ranking: relative effect by country" or "by country" in (c["label"] or "")
+                   for c in charts), [c["label"] for c in charts]
+        assert "Segments" in browser.eval("document.body.innerText")
+        browser.screenshot(SHOTS / "demo-report.png")
+        browser.goto(url.rsplit("/experiments/", 1)[0] + "/")
+        assert "home-ranking" in browser.eval("document.body.innerText")
+        browser.screenshot(SHOTS / "demo-index.png")
+    finally:
+        proc.send_signal(2)  # Ctrl-C
+        try:
+            rest = proc.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rest = proc.communicate()[0]
+    output = "".join(lines) + (rest or "")
+    assert proc.returncode == 0 and "RECOVERED" in output, output[-3000:]
+    ready = [json.loads(p.read_text())["pid"] for p in (folder / "logs").glob("*.ready.json")]
+    for pid in ready:
+        assert not Path(f"/proc/{pid}").exists() or \
+            Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
