@@ -315,3 +315,32 @@ def test_the_demo_serves_its_experiment_with_every_chart_and_a_country_breakdown
     for pid in ready:
         assert not Path(f"/proc/{pid}").exists() or \
             Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+
+
+def test_with_mutual_tls_the_pages_need_a_client_certificate(tmp_path: Path) -> None:
+    import ssl
+
+    from tests.tls_certs import issue, make_ca
+
+    ca, ca_key, ca_cert = make_ca()
+    server, client = issue(ca_key, ca_cert, "server", server=True), issue(ca_key, ca_cert, "client", server=False)
+    files = {}
+    for name, data in (("ca.pem", ca.cert), ("server.pem", server.cert), ("server.key", server.key),
+                       ("client.pem", client.cert), ("client.key", client.key)):
+        files[name] = tmp_path / name
+        files[name].write_bytes(data)
+    served = _serve(tmp_path, tmp_path, tmp_path, "--tls-cert", str(files["server.pem"]), "--tls-key",
+                    str(files["server.key"]), "--tls-client-ca", str(files["ca.pem"]))
+    https = served.base.replace("http://", "https://") + "/"
+    try:
+        anonymous = ssl.create_default_context(cafile=str(files["ca.pem"]))
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(https, timeout=10, context=anonymous).read()
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(served.base + "/", timeout=10).read()  # no plaintext either
+        with_cert = ssl.create_default_context(cafile=str(files["ca.pem"]))
+        with_cert.load_cert_chain(str(files["client.pem"]), str(files["client.key"]))
+        with urllib.request.urlopen(https, timeout=10, context=with_cert) as reply:
+            assert reply.status == 200 and "Experiments" in reply.read().decode()
+    finally:
+        _stop(served)
