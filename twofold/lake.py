@@ -54,6 +54,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prometheus_client import Counter, Gauge
 
+from twofold.metrics import declare
+
 log = logging.getLogger("twofold.lake")
 
 _TS = pa.timestamp("us", tz="UTC")
@@ -223,6 +225,7 @@ class LakeWriter:
             raise ValueError(f"unknown lake table {table!r}; expected one of {sorted(TABLE_SCHEMAS)}")
         self.root = Path(root)
         self.table = table
+        declare(WRITE_FAILURES, table)
         self.schema = TABLE_SCHEMAS[table]
         self._id_column = ID_COLUMN[table]
         self._column_names = frozenset(self.schema.names)
