@@ -2,7 +2,7 @@
 
 The analysis counts a unit's events from its first exposure on, so an event the lake places
 before its exposure is lost. The client runs as its own process with its clock off by seconds
-(both directions), many threads deciding and tracking at once, and every ApplyFlags and
+(both directions), many threads (or asyncio tasks) deciding and tracking at once, and every ApplyFlags and
 TrackEvents call held back by an independent random delay after it is stamped (as queueing
 in a loaded network or server does): the real assignment server must still place every
 event at or after its unit's first exposure.
@@ -25,15 +25,21 @@ from twofold.lake import read_table
 THREADS, UNITS_PER_THREAD = 12, 30
 
 CLIENT = textwrap.dedent('''
-    import random, sys, threading, time
+    import asyncio, random, sys, threading, time
     from concurrent.futures import ThreadPoolExecutor
 
     SKEW_NS = int(float(sys.argv[2]) * 1e9)
-    _time_ns = time.time_ns
-    # The wall clock the SDK reads is off (grpc's deadlines read time.time and stay right).
-    time.time_ns = lambda: _time_ns() + SKEW_NS
+    import types
+    import client_sdk.async_client, client_sdk.convert, client_sdk.core, client_sdk.sync_client
+    from client_sdk import AsyncClient, Client, ClientOptions
 
-    from client_sdk import Client, ClientOptions
+    # Every clock reading of the SDK is off by the skew. (Patching time.time_ns for the whole
+    # process would also skew gRPC's own timers against its C core, which no real clock does.)
+    skewed = types.SimpleNamespace(**{n: getattr(time, n) for n in dir(time) if not n.startswith("_")})
+    skewed.time_ns = lambda: time.time_ns() + SKEW_NS
+    skewed.time = lambda: time.time() + SKEW_NS / 1e9
+    for module in (client_sdk.core, client_sdk.convert, client_sdk.sync_client, client_sdk.async_client):
+        module.time = skewed
 
     delays = ThreadPoolExecutor(64)
     rng = random.Random(7)
@@ -51,37 +57,69 @@ CLIENT = textwrap.dedent('''
                 return self.method(request, timeout=timeout)
             return delays.submit(later)
 
-    client = Client(sys.argv[1], client_secret=sys.argv[3],
-                    options=ClientOptions(flush_at_exit=False, flush_interval=0.02, batch_size=4))
-    for stub in client._resolvers:
-        stub.ApplyFlags = Delayed(stub.ApplyFlags)
-        stub.TrackEvents = Delayed(stub.TrackEvents)
+    def run_sync():
+        client = Client(sys.argv[1], client_secret=sys.argv[3],
+                        options=ClientOptions(flush_at_exit=False, flush_interval=0.02, batch_size=4))
+        for stub in client._resolvers:
+            stub.ApplyFlags = Delayed(stub.ApplyFlags)
+            stub.TrackEvents = Delayed(stub.TrackEvents)
 
-    def user(thread):
-        for i in range(int(sys.argv[5])):
-            unit = f"u{thread}-{i}"
-            decision = client.decide("checkout", unit, {"country": "SE"}, default={"enabled": False})
-            assert decision.variant == "on", decision
-            client.track("purchase", unit, 1.0)
-            time.sleep(0.002)
+        def user(thread):
+            for i in range(int(sys.argv[5])):
+                unit = f"u{thread}-{i}"
+                decision = client.decide("checkout", unit, {"country": "SE"}, default={"enabled": False})
+                assert decision.variant == "on", decision
+                client.track("purchase", unit, 1.0)
+                time.sleep(0.002)
 
-    threads = [threading.Thread(target=user, args=(t,)) for t in range(int(sys.argv[4]))]
-    for t in threads: t.start()
-    for t in threads: t.join()
-    client.close()
-    stats = client.stats
+        threads = [threading.Thread(target=user, args=(t,)) for t in range(int(sys.argv[4]))]
+        for t in threads: t.start()
+        for t in threads: t.join()
+        client.close()
+        return client.stats
+
+    class DelayedAsync:
+        """An aio stub method whose calls leave after a random delay (stamped before it)."""
+        def __init__(self, method):
+            self.method = method
+        async def __call__(self, request, timeout=None):
+            await asyncio.sleep(rng.uniform(0, 0.3))
+            return await self.method(request, timeout=timeout)
+
+    async def run_async():
+        client = AsyncClient(sys.argv[1], client_secret=sys.argv[3],
+                             options=ClientOptions(flush_at_exit=False, flush_interval=0.02, batch_size=4))
+        client._start()
+        for stub in client._resolvers:
+            stub.ApplyFlags = DelayedAsync(stub.ApplyFlags)
+            stub.TrackEvents = DelayedAsync(stub.TrackEvents)
+
+        async def user(thread):
+            for i in range(int(sys.argv[5])):
+                unit = f"u{thread}-{i}"
+                decision = await client.decide("checkout", unit, {"country": "SE"}, default={"enabled": False})
+                assert decision.variant == "on", decision
+                client.track("purchase", unit, 1.0)
+                await asyncio.sleep(0.002)
+
+        await asyncio.gather(*(user(t) for t in range(int(sys.argv[4]))))
+        await client.close()
+        return client.stats
+
+    stats = run_sync() if sys.argv[6] == "sync" else asyncio.run(run_async())
     assert stats.events_sent == stats.exposures_sent == int(sys.argv[4]) * int(sys.argv[5]), stats
 ''')
 
 
+@pytest.mark.parametrize("flavour", ["sync", "async"])
 @pytest.mark.parametrize("skew_seconds", [-7.0, 5.0])
-def test_events_never_precede_their_exposure(tmp_path: Path, skew_seconds: float) -> None:
+def test_events_never_precede_their_exposure(tmp_path: Path, skew_seconds: float, flavour: str) -> None:
     script = tmp_path / "client.py"
     script.write_text(CLIENT)
     with ServerGroup(tmp_path / "run") as group:
         server = start_assignment(group, tmp_path)
         done = subprocess.run([sys.executable, str(script), server.target, str(skew_seconds), SECRET,
-                               str(THREADS), str(UNITS_PER_THREAD)], cwd=ROOT, capture_output=True,
+                               str(THREADS), str(UNITS_PER_THREAD), flavour], cwd=ROOT, capture_output=True,
                               text=True, timeout=180)
         assert done.returncode == 0, done.stderr[-3000:]
         assert group.stop("assignment") == 0
