@@ -24,9 +24,10 @@ def twofold(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 def test_strict_validate_with_warnings_does_not_say_ok(tmp_path: Path) -> None:
     flags = tmp_path / "flags"
     flags.mkdir()
-    for f in (ROOT / "examples" / "flags").glob("*.yaml"):
+    for f in (ROOT / "examples" / "flags").iterdir():
         (flags / f.name).write_text(f.read_text())
-    # No lock file: a warning (the allocations are not locked), an error only with --strict.
+    # A client whose secret comes from an unset environment variable: a warning, an error only with --strict.
+    (flags / "clients.yaml").write_text("client: backend\nsecrets:\n  - secret_env: TWOFOLD_TEST_UNSET_SECRET\n")
     relaxed = twofold("flags", "validate", str(flags))
     assert relaxed.returncode == 0 and relaxed.stdout.startswith("ok:") and "warning" in relaxed.stderr
     strict = twofold("flags", "validate", "--strict", str(flags))
