@@ -199,7 +199,8 @@ def test_crafted_lake_gives_the_hand_computed_statistics(crafted_lake: Path) -> 
     # The same through the whole analysis: units, exclusions, warnings, no crash on tiny samples.
     doc = analyze(config, crafted_lake, now=LATER).document
     assert doc["units"] == {"control": 2, "bandit": 1}
-    assert doc["exclusions"] == {"multiple_variants": 1, "unknown_variant": 1}
+    assert doc["exclusions"] == {"multiple_variants": 1, "unknown_variant": 1, "exposures_null_unit": 0,
+                                 "exposures_null_id": 0, "events_null_unit": 0, "events_null_id": 0}
     assert any("more than one variant" in w for w in doc["warnings"])
     assert any("at least 2 are needed" in w for w in doc["warnings"])
 
