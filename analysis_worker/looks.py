@@ -87,17 +87,16 @@ class LookLog:
         self.looks.append({"at": at, "units": units, "information": information})
         published = copy.deepcopy(document)
         published["warnings"] = warnings
-        published["sequential"]["looks_taken"] = self.looks
+        published["sequential"]["status"] = "open"
+        published["sequential"]["look"] = len(self.looks)
         if seq.get("method") == "group-sequential":
             if information > 1.0:  # the first look is past the plan: one final analysis at t = 1
                 published["sequential"]["status"] = "closed"
                 published["sequential"]["closed_at_look"] = len(self.looks)
                 self.closed = copy.deepcopy(published)
             else:
-                published["sequential"]["status"] = "open"
                 self.last_within_plan = copy.deepcopy(published)
-        else:
-            published["sequential"]["status"] = "open"
+        published["sequential"]["looks_taken"] = self.looks
         return published
 
     def _frozen(self, current: dict[str, Any], at: str) -> dict[str, Any]:
@@ -107,10 +106,10 @@ class LookLog:
         seq = frozen["sequential"]
         if seq.get("status") != "closed":
             seq["status"] = "closed"
-            seq["closed_at_look"] = len(self.looks)
+            seq["closed_at_look"] = seq.get("look", len(self.looks))
             decision = frozen["decision"]
-            note = (f"the group-sequential test closed at its plan: this is look {len(self.looks)} of "
-                    f"{seq.get('expected_n')} planned units, the last within the plan; later data cannot change it")
+            note = (f"the group-sequential test closed at its plan of {seq.get('expected_n')} units: these are the "
+                    f"numbers of look {seq['closed_at_look']}, the last within the plan; later data cannot change them")
             for verdict in decision.get("variants", {}).values():
                 if verdict["recommendation"] == "keep-running":
                     verdict["recommendation"] = "no-ship"
