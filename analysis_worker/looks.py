@@ -85,17 +85,15 @@ class LookLog:
             self.closed = self.last_within_plan
             return self._frozen(document, at)
         self.looks.append({"at": at, "units": units, "information": information})
-        published = copy.deepcopy(document)
-        published["warnings"] = warnings
-        published["sequential"]["status"] = "open"
-        published["sequential"]["look"] = len(self.looks)
+        # Shallow copies: nothing below the top level is changed here, and `_frozen` copies deeply.
+        published = {**document, "warnings": warnings,
+                     "sequential": {**seq, "status": "open", "look": len(self.looks)}}
         if seq.get("method") == "group-sequential":
             if information > 1.0:  # the first look is past the plan: one final analysis at t = 1
-                published["sequential"]["status"] = "closed"
-                published["sequential"]["closed_at_look"] = len(self.looks)
-                self.closed = copy.deepcopy(published)
+                published["sequential"].update(status="closed", closed_at_look=len(self.looks))
+                self.closed = {**published, "sequential": dict(published["sequential"])}
             else:
-                self.last_within_plan = copy.deepcopy(published)
+                self.last_within_plan = {**published, "sequential": dict(published["sequential"])}
         published["sequential"]["looks_taken"] = self.looks
         return published
 
