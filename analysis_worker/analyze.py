@@ -132,7 +132,8 @@ def stats_input_from_rows(experiment: ExperimentConfig, rows: list[dict[str, Any
         control=experiment.control, expected_split=dict(experiment.split), metrics=metrics,
         sequential=None if seq is None else SequentialInput(method=seq.method, expected_n=seq.expected_units,
                                                             looks=looks[:-1], rho=seq.rho),
-        experiment=experiment.name, units={v: totals.get(v, {}).get("n", 0.0) for v in experiment.split})
+        experiment=experiment.name, units={v: totals.get(v, {}).get("n", 0.0) for v in experiment.split},
+        deterioration_alpha=experiment.deterioration_alpha)
 
 
 def _known_flags(con: duckdb.DuckDBPyConnection) -> list[str]:
@@ -216,9 +217,11 @@ def analyze(experiment: str | Path | Mapping[str, Any] | ExperimentConfig, lake:
         document["warnings"].append(f"{excluded[MULTIPLE]} unit(s) exposed to more than one variant were excluded")
     for key, what in (("exposures_null_unit", "exposure(s) without a unit"),
                       ("exposures_null_id", "exposure(s) without an exposure_id"),
-                      ("events_null_unit", "event(s) without a unit"), ("events_null_id", "event(s) without an event_id")):
+                      ("events_null_unit", "event(s) without a unit"),
+                      ("events_null_id", "event(s) without an event_id")):
         if null_rows.get(key):
-            document["warnings"].append(f"{null_rows[key]} {what} were excluded (contract 3: never merged into another)")
+            document["warnings"].append(
+                f"{null_rows[key]} {what} were excluded (contract 3: never merged into another)")
     if excluded.get(UNKNOWN):
         document["warnings"].append(f"{excluded[UNKNOWN]} unit(s) exposed only to variants not in the definition "
                                     "were excluded")

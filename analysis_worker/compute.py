@@ -4,24 +4,26 @@ What is tested, at which alpha, and how the answer becomes a recommendation:
 
 * Success metrics are tested two-sided for a difference (corrections `none`, `bonferroni`,
   `holm`), or one-sided for superiority in their preferred direction (`risk-aware`).
-* Guardrails are always one-sided non-inferiority tests: H0 says the treatment is worse than the
-  control by at least `nim` (relative to the control mean), e.g. for `direction: increase`
-  H0: diff <= -nim * |control mean|. `nim` 0 tests "not worse at all".
+* Guardrails are one-sided non-inferiority tests of a relative margin: H0 says mean_t is at most
+  (1 - nim) mean_c (`increase`; (1 + nim) for `decrease`), tested in ratio form with the control
+  mean's own variance, so that the relative (Fieller) interval agrees with the verdict.
 * Alpha per comparison: `none` alpha; `bonferroni` alpha / (all comparisons); `holm` Holm's
-  step-down over all comparisons (intervals at the Bonferroni level); `risk-aware` (Schultzberg,
-  Kjellin & Rydberg, Spotify 2024) alpha / (success metrics x treatments) for success metrics and
-  alpha / treatments for guardrails (all guardrails must pass, so they need no multiplicity
-  correction), and power 1 - beta / (guardrails + 1) in sample-size planning.
-* Intervals of one-sided tests are two-sided at level 1 - 2 alpha, so their relevant end is the
-  one-sided bound the test uses.
-* Sequential: `group-sequential` compares the statistic with the Lan-DeMets bound of the current
-  look (the p-value stays the nominal fixed-horizon one, the interval uses the bound);
-  `always-valid` reports the normal-mixture confidence sequence and its always-valid p-value.
-* Recommendation per treatment: `ship` when at least one success metric is significantly better
-  and every guardrail is significantly non-inferior (and no sample-ratio mismatch); `no-ship`
-  when the sample ratio is off, a success metric is significantly worse, a guardrail is
-  significantly inferior, or the planned sample is complete without a win; `keep-running`
-  otherwise. The document's recommendation is `ship` if some treatment ships.
+  step-down over all comparisons (intervals at the Bonferroni level); `risk-aware` follows
+  Schultzberg, Ankargren & Frånberg, "Risk-aware product decisions in A/B tests with multiple
+  metrics" (Spotify 2024, arXiv 2402.11609): alpha / (success metrics x treatments) for success
+  metrics, alpha / treatments for guardrails (all must pass, so no correction among them), and
+  inferiority (deterioration) tests of every success and guardrail metric with their own budget
+  `deterioration_alpha` split over the treatment's metrics; beta is shared with the deterioration
+  and sample-ratio tests and split over guardrails + 1 in sample-size planning.
+* Every interval is built with the critical value of the test beside it (absolute: difference
+  +- multiplier x SE; relative: Fieller's interval at the same multiplier), so an interval
+  excludes the null exactly when its test rejects. One-sided tests show the 1 - 2 alpha interval.
+* Sequential: `group-sequential` compares the statistic with the Lan-DeMets bound for continuous
+  monitoring at the current information fraction (valid whatever the recompute schedule; the
+  p-value stays the nominal one, the interval uses the bound); `always-valid` reports the
+  normal-mixture confidence sequence and its always-valid p-value.
+* Recommendation per treatment (`_decide`): ship only with a significant win, every guardrail
+  non-inferior, nothing significantly deteriorated and the quality checks passed.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 from scipy import stats
-from statsmodels.stats.power import NormalIndPower
 from statsmodels.stats import proportion
+from statsmodels.stats.power import NormalIndPower
 
 from analysis_worker.compute import compute_results
 from analysis_worker.inputs import InputError, parse_input
