@@ -401,7 +401,9 @@ def _decide(inp: StatsInput, comparisons: list[dict[str, Any]], srm: dict[str, A
             recommendation = "ship"
         elif running:
             recommendation = "keep-running"
-            reasons.append("the planned sample is not complete yet")
+            plan = (f" ({int(n_now)} of {int(inp.sequential.expected_n)} planned units)" if inp.sequential is not None
+                    else f" ({int(n_now)} units so far)")
+            reasons.append("the planned sample is not complete yet" + plan)
         else:
             recommendation = "no-ship"
             reasons.append("the planned sample is complete without a significant win" if not better else

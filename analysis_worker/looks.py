@@ -112,7 +112,7 @@ class LookLog:
                 if verdict["recommendation"] == "keep-running":
                     verdict["recommendation"] = "no-ship"
                     verdict["reasons"] = [r for r in verdict["reasons"]
-                                          if r != "the planned sample is not complete yet"]
+                                          if not r.startswith("the planned sample is not complete yet")]
                     verdict["reasons"].append("the plan is complete without a ship")
             if decision["recommendation"] == "keep-running":
                 decision["recommendation"] = "no-ship"

@@ -46,6 +46,8 @@ def test_a_significantly_worse_success_metric_blocks_shipping() -> None:
     """s1 significantly better, s2 significantly worse: the paper's rule says no-ship (today: ship)."""
     doc = _doc([{"name": "s1", "kind": "binary", "variants": _binary(20000, 2000, 2300)},
                 {"name": "s2", "kind": "binary", "variants": _binary(20000, 5000, 4700)}])
+    verdict = doc["decision"]["variants"]["treatment"]
+    assert doc["decision"]["recommendation"] == verdict["recommendation"] == "no-ship"
     s1, s2 = _cmp(doc, "s1"), _cmp(doc, "s2")
     assert s1["better"] and s1["significant"]
     # s1's superiority test at alpha / (2 success metrics x 1 treatment), checked by statsmodels.
@@ -60,8 +62,6 @@ def test_a_significantly_worse_success_metric_blocks_shipping() -> None:
     assert det["significant"] and s2["worse"]
     # The one-sided bound beside the verdict lies below 0, on both scales.
     assert det["bound"] < 0 and det["relative_bound"] < 0
-    verdict = doc["decision"]["variants"]["treatment"]
-    assert doc["decision"]["recommendation"] == verdict["recommendation"] == "no-ship"
     assert f"s2: significantly deteriorated, inferiority test (z-test): p = {ref.pvalue:.3g} < alpha 0.025" \
         in verdict["reasons"]
 
@@ -72,6 +72,8 @@ def test_a_guardrail_significantly_worse_within_its_margin_blocks_shipping() -> 
     doc = _doc([{"name": "conv", "kind": "binary", "variants": _binary(200000, 20000, 23000)},
                 {"name": "retention", "kind": "binary", "role": "guardrail", "nim": 0.05,
                  "variants": _binary(200000, 100000, 99000)}])
+    verdict = doc["decision"]["variants"]["treatment"]
+    assert verdict["recommendation"] == "no-ship"
     guard = _cmp(doc, "retention")
     assert guard["significant"], "non-inferior at the 5 % margin"
     assert guard["relative_ci_lower"] > -0.05
@@ -79,8 +81,6 @@ def test_a_guardrail_significantly_worse_within_its_margin_blocks_shipping() -> 
     det = guard["deterioration"]
     assert det["p_value"] == pytest.approx(ref.pvalue, rel=1e-9)
     assert det["significant"]
-    verdict = doc["decision"]["variants"]["treatment"]
-    assert verdict["recommendation"] == "no-ship"
     assert any(r.startswith("retention: significantly deteriorated, inferiority test") for r in verdict["reasons"])
     # The same guardrail with no significant deterioration ships.
     doc = _doc([{"name": "conv", "kind": "binary", "variants": _binary(200000, 20000, 23000)},
