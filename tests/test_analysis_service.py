@@ -210,3 +210,9 @@ def test_published_looks_survive_a_restart_of_the_worker(bg_loop: BackgroundLoop
     stored = json.loads((out / f"{base['name']}.looks.json").read_text())
     assert stored["looks"] == looks
     assert json.loads((out / f"{base['name']}.json").read_text())["sequential"]["looks_taken"] == looks
+    # A log that cannot be read publishes nothing (a verdict without its looks could break the guarantee).
+    (out / f"{base['name']}.looks.json").write_text("{not json")
+    worker = AnalysisWorker([folder], lake, every_seconds=3600, out_dir=out)
+    bg_loop.run(worker.run_round(), timeout=120)
+    state = worker.experiments[base["name"]]
+    assert state.analysis is None and state.error.startswith("recording the sequential look failed")
