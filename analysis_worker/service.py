@@ -30,6 +30,7 @@ from analysis_worker.analyze import Analysis, analyze
 from analysis_worker.compute import compute_results
 from analysis_worker.config import ConfigError, ExperimentConfig, load_experiment
 from analysis_worker.inputs import InputError, parse_input
+from analysis_worker.looks import LookLog
 from protos.twofold.analysis.v1 import analysis_pb2, analysis_pb2_grpc
 from twofold import waiting
 from twofold.metrics import declare
@@ -60,6 +61,8 @@ class ExperimentState:
     # Last computation error (empty after a success) and the last refused edit of the definition.
     error: str = ""
     definition_error: str = ""
+    # The looks a sequential experiment published (loaded from beside the results on first use).
+    looks: LookLog | None = None
 
     def summary_error(self) -> str:
         return "; ".join(e for e in (self.definition_error, self.error) if e)
@@ -151,9 +154,16 @@ class AnalysisWorker:
                 state.analysis, state.computed_at = result, dt.datetime.now(dt.UTC)
             log.warning("analysis failed", extra={"fields": {"experiment": state.name, "error": result.error}})
             return
+        SRM_MISMATCH.labels(state.name).set(1.0 if result.document["srm"]["mismatch"] else 0.0)
+        try:
+            self._publish_look(state, result)
+        except (OSError, ValueError) as exc:  # an unreadable or unwritable log: publish nothing new
+            log.exception("recording the look failed", extra={"fields": {"experiment": state.name}})
+            FAILURES.labels(state.name).inc()
+            state.error = f"recording the sequential look failed: {exc}"
+            return
         state.analysis, state.computed_at, state.error = result, dt.datetime.now(dt.UTC), ""
         LAST_SUCCESS.labels(state.name).set(time.time())
-        SRM_MISMATCH.labels(state.name).set(1.0 if result.document["srm"]["mismatch"] else 0.0)
         if self.out_dir is not None:
             try:
                 result.write(self.out_dir)
@@ -162,6 +172,17 @@ class AnalysisWorker:
         log.info("analysis computed", extra={"fields": {
             "experiment": state.name, "seconds": round(result.duration_seconds, 3), "rows": result.rows_scanned,
             "recommendation": result.document["decision"]["recommendation"]}})
+
+    def _publish_look(self, state: ExperimentState, result: Analysis) -> None:
+        """Every published computation of a sequential experiment is a look: record it (beside the
+        results, so a restart keeps it) and publish what the look log says (see `analysis_worker.looks`)."""
+        if not result.document.get("sequential"):
+            return
+        if state.looks is None or state.looks.experiment != state.name:
+            state.looks = LookLog.load(self.out_dir, state.name)
+        result.document = state.looks.publish(result.document)
+        result.reset_html()
+        state.looks.save()
 
     async def run_round(self) -> None:
         """Reload definitions and compute every experiment once."""
