@@ -21,7 +21,7 @@ from model_server.coalescing import RunCoalescer
 from model_server.decision_log import DecisionLog
 from model_server.errors import RequestError, invalid
 from model_server.metrics import count_failure
-from model_server.repository import ModelRepository
+from model_server.repository import ModelRepository, Refusal
 from model_server.runtime import LoadedModel, rows_from_bytes
 from protos.twofold.model.v1 import model_pb2, model_pb2_grpc
 from twofold.server import ServiceRegistration
@@ -184,13 +184,23 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
     async def ListModels(self, request: model_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> model_pb2.ListModelsResponse:
         response = model_pb2.ListModelsResponse()
-        for name, served in sorted(self.repository.snapshot.models.items()):
-            manifest = served.default.manifest
-            info = response.models.add(name=name, kind=manifest.kind, feature_names=manifest.feature_names,
-                                       output_names=manifest.output_names, arms=manifest.arms,
-                                       default_version=served.default.version)
-            for version, loaded in served.versions.items():
-                info.versions.add(version=version, ready=True, loaded_at_unix_ms=int(loaded.loaded_at * 1000))
+        served_models = self.repository.snapshot.models
+        refused: dict[str, list[Refusal]] = {}
+        for refusal in self.repository.refusals.values():
+            refused.setdefault(refusal.model, []).append(refusal)
+        for name in sorted(set(served_models) | set(refused)):
+            served = served_models.get(name)
+            if served is not None:
+                manifest = served.default.manifest
+                info = response.models.add(name=name, kind=manifest.kind, feature_names=manifest.feature_names,
+                                           output_names=manifest.output_names, arms=manifest.arms,
+                                           default_version=served.default.version)
+                for version, loaded in served.versions.items():
+                    info.versions.add(version=version, ready=True, loaded_at_unix_ms=int(loaded.loaded_at * 1000))
+            else:
+                info = response.models.add(name=name)
+            for refusal in sorted(refused.get(name, ()), key=lambda r: -int(r.version)):
+                info.refused_versions.add(version=refusal.version, ready=False, error=refusal.error)
         return response
 
 
