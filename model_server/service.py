@@ -56,14 +56,21 @@ def new_decision_id() -> str:
     return "%032x" % (random.getrandbits(128) & _UUID4_KEEP | _UUID4_SET)
 
 
+MAX_MESSAGE = 2000
+
+
 async def refuse(context: grpc.aio.ServicerContext, error: RequestError, model_name: str,
                  model: LoadedModel | None) -> None:
     """Count the failure and abort the call with its status and message."""
     if model is not None:
         model.metrics.failure(error.reason)
     else:
-        count_failure(model_name, "", error.reason)
-    await context.abort(error.code, error.message)
+        # Not labelled with a name no model has: any caller could grow the series without bound.
+        count_failure("" if error.reason == "unknown_model" else model_name, "", error.reason)
+    # The message travels in a header, which clients refuse beyond 16 kB: a message quoting a huge
+    # name from the request would turn a clear error into RESOURCE_EXHAUSTED "Stream removed".
+    message = error.message if len(error.message) <= MAX_MESSAGE else error.message[:MAX_MESSAGE] + " ...(cut)"
+    await context.abort(error.code, message)
 
 
 # Rows per Predict or Score call: bounds the memory a call takes beyond its request (outputs,

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -100,6 +101,10 @@ def servers() -> Iterator[list[ServerProcess]]:
     yield started
     for server in started:
         server.stop()
+
+
+def _f32(*values: float) -> bytes:
+    return np.asarray(values, dtype="<f4").tobytes()
 
 
 def dense(x: np.ndarray) -> model_pb2.DenseRows:
@@ -328,3 +333,285 @@ def test_sigkill_during_decide_loses_no_decision_answered_before_the_window(tmp_
                               f"{max(killed_at - c.done for c in old_lost) * 1000:.0f} ms")
     print(f"SIGKILL during Decide: {kills} kills, {answered_total} answered, {lost_total} lost, all within "
           f"{worst_age * 1000:.0f} ms of the kill")
+
+
+# -- random bytes and extreme values into every model and analysis RPC ----------------------------
+
+MODEL_SERVICE = "twofold.model.v1.ModelService"
+OIP_SERVICE = "inference.GRPCInferenceService"
+ANALYSIS_SERVICE = "twofold.analysis.v1.AnalysisService"
+# Answers a server may give to garbage: anything but UNKNOWN or INTERNAL (which mean "a bug here").
+ACCEPTABLE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION}
+
+
+def _rpcs() -> dict[str, type]:
+    """Every RPC of the model and analysis servers and its request message type."""
+    from protos.inference import grpc_service_pb2
+    from protos.twofold.analysis.v1 import analysis_pb2
+
+    found: dict[str, type] = {}
+    for module in (model_pb2, grpc_service_pb2, analysis_pb2):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                found[f"/{service.full_name}/{method.name}"] = getattr(module, method.input_type.name)
+    return found
+
+
+RPCS = _rpcs()
+
+
+def test_every_model_and_analysis_rpc_is_fuzzed() -> None:
+    """The fuzz below covers every RPC these servers have (a new RPC is fuzzed without a test edit)."""
+    names = {path.rsplit("/", 1)[1] for path in RPCS}
+    assert {"Predict", "Score", "Decide", "ListModels", "ModelInfer", "ModelMetadata", "ServerLive",
+            "ComputeFromStatistics", "GetResults", "ListExperiments"} <= names
+    assert {path.split("/")[1] for path in RPCS} == {MODEL_SERVICE, OIP_SERVICE, ANALYSIS_SERVICE}
+
+
+@dataclass
+class Answer:
+    code: grpc.StatusCode
+    details: str
+
+
+def raw_call(channel: grpc.Channel, path: str, payload: bytes) -> Answer:
+    """Send `payload` as the request's bytes, whatever they are."""
+    call = channel.unary_unary(path, request_serializer=None, response_deserializer=None)
+    try:
+        call(payload, timeout=20)
+        return Answer(grpc.StatusCode.OK, "")
+    except grpc.RpcError as error:
+        return Answer(error.code(), error.details() or "")  # type: ignore[attr-defined]
+
+
+def decodes(message: type, payload: bytes) -> bool:
+    from google.protobuf.message import DecodeError
+
+    try:
+        message.FromString(payload)  # type: ignore[attr-defined]
+        return True
+    except DecodeError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def fuzz_targets(tmp_path_factory: pytest.TempPathFactory, xgb_sources: Path) -> Iterator[dict[str, ServerProcess]]:
+    """A model server (a classifier and a LinUCB policy, decisions logged) and an analysis server."""
+    tmp = tmp_path_factory.mktemp("fuzz")
+    repo = tmp / "repo"
+    copy_version(xgb_sources, repo, "ranker", 1)
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(300, 3))
+    arms = rng.integers(0, 3, 300)
+    publish_policy(repository=repo, name="linucb", arms=ARMS[:3], feature_names=["r", "f", "m"],
+                   stats=fit_linear_arms(x, arms, (rng.random(300) < 0.5).astype(float), 3),
+                   config=PolicyConfig(policy="linucb"))
+    (tmp / "experiments").mkdir()
+    started = {"model": start_server(tmp, "serve-model", "--repository", str(repo), "--lake", str(tmp / "lake"),
+                                     name="fuzz-model"),
+               "analysis": start_server(tmp, "serve-analysis", "--experiments", str(tmp / "experiments"),
+                                        "--lake", str(tmp / "lake"), name="fuzz-analysis")}
+    yield started
+    for server in started.values():
+        server.stop()
+
+
+def target_of(path: str, servers: dict[str, ServerProcess]) -> str:
+    return servers["analysis" if path.startswith(f"/{ANALYSIS_SERVICE}/") else "model"].target
+
+
+def seed_requests() -> dict[str, bytes]:
+    """One valid request per RPC that takes fields, for the mutations below to start from."""
+    from protos.inference import grpc_service_pb2 as oip
+    from protos.twofold.analysis.v1 import analysis_pb2
+
+    row = model_pb2.DenseRows(data=_f32(0.5, 1, 2, 3, 4, 5), rows=1, cols=6)
+    context = model_pb2.DenseRows(data=_f32(0.1, 0.2, 1), rows=1, cols=3)
+    tensor = oip.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[1, 6])
+    stats = {"metrics": [{"name": "m", "kind": "mean", "role": "success",
+                          "variants": {"control": {"n": 100, "sum": 50.0, "sum_sq": 40.0},
+                                       "treatment": {"n": 100, "sum": 55.0, "sum_sq": 45.0}}}]}
+    seeds = {
+        f"/{MODEL_SERVICE}/Predict": model_pb2.PredictRequest(model="ranker", dense=row),
+        f"/{MODEL_SERVICE}/Score": model_pb2.ScoreRequest(model="ranker", candidates=row, top_k=1),
+        f"/{MODEL_SERVICE}/Decide": model_pb2.DecideRequest(model="linucb", unit="u", decision_id="d", dense=context),
+        f"/{OIP_SERVICE}/ModelInfer": oip.ModelInferRequest(model_name="ranker", inputs=[tensor],
+                                                            raw_input_contents=[_f32(0.5, 1, 2, 3, 4, 5)]),
+        f"/{OIP_SERVICE}/ModelMetadata": oip.ModelMetadataRequest(name="ranker", version="1"),
+        f"/{OIP_SERVICE}/ModelReady": oip.ModelReadyRequest(name="linucb", version="1"),
+        f"/{ANALYSIS_SERVICE}/GetResults": analysis_pb2.GetResultsRequest(experiment="e", include_html=True),
+        f"/{ANALYSIS_SERVICE}/ComputeFromStatistics": analysis_pb2.ComputeFromStatisticsRequest(
+            input_json=json.dumps(stats)),
+    }
+    return {path: message.SerializeToString() for path, message in seeds.items()}
+
+
+SEEDS = seed_requests()
+
+
+def random_payloads(path: str, count: int, salt: int = 0) -> list[bytes]:
+    """Random bytes, and the RPC's valid request with random ASCII written over random positions,
+    truncated or extended (seeded by the RPC's name)."""
+    rng = np.random.default_rng(zlib.crc32(path.encode()) + salt)
+    seed = SEEDS.get(path, b"\x08\x01\x12\x03abc")  # fieldless requests: two unknown fields
+    payloads = []
+    for i in range(count):
+        if i % 2:
+            payloads.append(rng.bytes(int(rng.integers(1, 300))))
+            continue
+        mutated = bytearray(seed)
+        for _ in range(int(rng.integers(1, 6))):
+            mutated[int(rng.integers(0, len(mutated)))] = int(rng.integers(0x20, 0x7F))
+        if rng.random() < 0.2:
+            mutated = mutated[:int(rng.integers(0, len(mutated)))]
+        elif rng.random() < 0.2:
+            mutated += rng.bytes(int(rng.integers(1, 40)))
+        payloads.append(bytes(mutated))
+    return payloads
+
+
+@pytest.mark.parametrize("path", sorted(RPCS))
+def test_random_bytes_that_decode_never_answer_unknown_or_internal(path: str,
+                                                                   fuzz_targets: dict[str, ServerProcess]) -> None:
+    """Bytes that happen to be a valid message (of odd content) get a proper answer from the handler."""
+    message = RPCS[path]
+    payloads = [p for p in random_payloads(path, 400) if decodes(message, p)][:40]
+    assert payloads, "no random payload decoded"
+    with grpc.insecure_channel(target_of(path, fuzz_targets)) as channel:
+        answers = [raw_call(channel, path, p) for p in payloads]
+    bad = [a for a in answers if a.code not in ACCEPTABLE]
+    assert not bad, f"{path}: {[(a.code, a.details[:200]) for a in bad[:3]]}"
+    assert all(s.proc.poll() is None for s in fuzz_targets.values())
+
+
+# The shared runtime (twofold/server.py) wraps every service's request deserializers so that bytes
+# which are not the request message are answered INVALID_ARGUMENT; that change belongs to issue 14's
+# runtime half. Until it has landed, gRPC answers such bytes itself (UNKNOWN or INTERNAL) before any
+# model or analysis handler runs.
+@pytest.mark.xfail(reason="undecodable request bytes: needs the deserializer wrapping in twofold/server.py "
+                          "(issue 14, runtime half)", strict=True)
+def test_undecodable_bytes_are_invalid_argument_on_every_rpc(fuzz_targets: dict[str, ServerProcess]) -> None:
+    wrong: dict[str, list[Answer]] = {}
+    for path, message in sorted(RPCS.items()):
+        payloads = [p for p in random_payloads(path, 60, salt=1) if not decodes(message, p)][:10]
+        if not payloads:  # a request with no fields accepts almost anything (unknown fields are kept)
+            continue
+        with grpc.insecure_channel(target_of(path, fuzz_targets)) as channel:
+            answers = [raw_call(channel, path, p) for p in payloads]
+        off = [a for a in answers if a.code != grpc.StatusCode.INVALID_ARGUMENT]
+        if off:
+            wrong[path] = off
+    assert not wrong, {p: [(a.code, a.details[:120]) for a in answers[:2]] for p, answers in wrong.items()}
+    assert all(s.proc.poll() is None for s in fuzz_targets.values())
+
+
+def _extreme_cases() -> list[tuple[str, str, object, set[grpc.StatusCode], str]]:
+    """(case, rpc path, request, acceptable codes, text the error must contain)."""
+    from protos.inference import grpc_service_pb2 as oip
+    from protos.twofold.analysis.v1 import analysis_pb2
+
+    invalid = {grpc.StatusCode.INVALID_ARGUMENT}
+    too_big = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT}
+    nan6 = _f32(*([float("nan")] * 6))
+    inf3 = _f32(float("inf"), 0.0, 1.0)
+    stats = {"metrics": [{"name": "m", "kind": "mean", "role": "success",
+                          "variants": {"control": {"n": 100, "sum": 50.0, "sum_sq": 40.0},
+                                       "treatment": {"n": 100, "sum": 55.0, "sum_sq": 45.0}}}]}
+
+    def stats_with(**variant: object) -> str:
+        doc = json.loads(json.dumps(stats))
+        doc["metrics"][0]["variants"]["treatment"].update(variant)
+        return json.dumps(doc)
+
+    p, m, a = f"/{MODEL_SERVICE}/", f"/{OIP_SERVICE}/", f"/{ANALYSIS_SERVICE}/"
+    dr = model_pb2.DenseRows
+    return [
+        ("predict rows x cols beyond uint32 products", p + "Predict",
+         model_pb2.PredictRequest(model="ranker", dense=dr(data=b"1234", rows=2**32 - 1, cols=2**32 - 1)),
+         too_big, "dense"),
+        ("predict 0 rows", p + "Predict", model_pb2.PredictRequest(model="ranker", dense=dr(rows=0, cols=6)),
+         invalid, "dense"),
+        ("predict 200,000 rows", p + "Predict",
+         model_pb2.PredictRequest(model="ranker", dense=dr(data=bytes(4 * 200_000), rows=200_000, cols=1)),
+         too_big, "dense"),
+        ("predict NaN/inf on a policy", p + "Predict",
+         model_pb2.PredictRequest(model="linucb", dense=dr(data=inf3, rows=1, cols=3)), invalid, "inf"),
+        ("predict named 1e39 (float32 overflow)", p + "Predict",
+         model_pb2.PredictRequest(model="linucb", named=model_pb2.NamedFeatures(values={"r": 1e39, "f": 0, "m": 0})),
+         invalid, "'r'"),
+        ("predict NaN on a tree model (NaN = missing)", p + "Predict",
+         model_pb2.PredictRequest(model="ranker", dense=dr(data=nan6, rows=1, cols=6)), {grpc.StatusCode.OK}, ""),
+        ("predict a 100,000-character model name", p + "Predict",
+         model_pb2.PredictRequest(model="x" * 100_000, dense=dr(data=nan6, rows=1, cols=6)),
+         {grpc.StatusCode.NOT_FOUND}, "unknown model"),
+        ("score 200,000 candidates", p + "Score",
+         model_pb2.ScoreRequest(model="ranker", candidates=dr(data=bytes(4 * 200_000), rows=200_000, cols=1)),
+         too_big, "candidates"),
+        ("score top_k 2^32-1 and inf", p + "Score",
+         model_pb2.ScoreRequest(model="ranker", top_k=2**32 - 1,
+                                candidates=dr(data=_f32(*([float("inf")] * 12)), rows=2, cols=6)),
+         {grpc.StatusCode.OK}, ""),
+        ("score a context of 2 rows", p + "Score",
+         model_pb2.ScoreRequest(model="ranker", context=dr(data=_f32(1, 2), rows=2, cols=1),
+                                candidates=dr(data=_f32(*range(5)), rows=1, cols=5)), invalid, "context"),
+        ("decide inf context", p + "Decide",
+         model_pb2.DecideRequest(model="linucb", unit="u", dense=dr(data=inf3, rows=1, cols=3)), invalid, "inf"),
+        ("decide 2^32-1 rows", p + "Decide",
+         model_pb2.DecideRequest(model="linucb", unit="u", dense=dr(data=inf3, rows=2**32 - 1, cols=3)),
+         invalid, "one context row"),
+        ("decide a 100 kB decision id and unit", p + "Decide",
+         model_pb2.DecideRequest(model="linucb", unit="u" * 100_000, decision_id="d" * 100_000,
+                                 dense=dr(data=_f32(0, 1, 0), rows=1, cols=3)), {grpc.StatusCode.OK}, ""),
+        ("infer a shape of 2^62 rows", m + "ModelInfer",
+         oip.ModelInferRequest(model_name="ranker", inputs=[oip.ModelInferRequest.InferInputTensor(
+             name="input", datatype="FP32", shape=[2**62, 6])], raw_input_contents=[bytes(24)]), too_big, "input"),
+        ("infer shape [-1, 6]", m + "ModelInfer",
+         oip.ModelInferRequest(model_name="ranker", inputs=[oip.ModelInferRequest.InferInputTensor(
+             name="input", datatype="FP32", shape=[-1, 6])], raw_input_contents=[bytes(24)]), invalid, "shape"),
+        ("infer a shape whose product wraps around int64", m + "ModelInfer",
+         oip.ModelInferRequest(model_name="ranker", inputs=[oip.ModelInferRequest.InferInputTensor(
+             name="input", datatype="FP32", shape=[2**61, 2**3])], raw_input_contents=[b""]), too_big, "input"),
+        ("infer FP16", m + "ModelInfer",
+         oip.ModelInferRequest(model_name="ranker", inputs=[oip.ModelInferRequest.InferInputTensor(
+             name="input", datatype="FP16", shape=[1, 6])], raw_input_contents=[bytes(12)]), invalid, "FP32"),
+        ("infer random out of (0, 1]", m + "ModelInfer",
+         oip.ModelInferRequest(model_name="linucb", inputs=[
+             oip.ModelInferRequest.InferInputTensor(name="context", datatype="FP32", shape=[1, 3]),
+             oip.ModelInferRequest.InferInputTensor(name="random", datatype="FP32", shape=[1, 1])],
+             raw_input_contents=[_f32(0, 0, 0), _f32(float("nan"))]), invalid, "random"),
+        ("metadata of version -1", m + "ModelMetadata", oip.ModelMetadataRequest(name="ranker", version="-1"),
+         {grpc.StatusCode.NOT_FOUND}, "version"),
+        ("results of a 100 kB experiment name", a + "GetResults",
+         analysis_pb2.GetResultsRequest(experiment="e" * 100_000), {grpc.StatusCode.NOT_FOUND}, "experiment"),
+        ("statistics nested 100,000 deep", a + "ComputeFromStatistics",
+         analysis_pb2.ComputeFromStatisticsRequest(input_json="[" * 100_000 + "]" * 100_000), invalid, "input_json"),
+        ("statistics with a 5,000-digit integer", a + "ComputeFromStatistics",
+         analysis_pb2.ComputeFromStatisticsRequest(input_json=stats_with(n=123456789).replace(
+             "123456789", "9" * 5000)), invalid, "input_json"),
+        ("statistics with NaN", a + "ComputeFromStatistics",
+         analysis_pb2.ComputeFromStatisticsRequest(input_json=stats_with(sum=float("nan"))), invalid, "sum"),
+        ("statistics with 1e400", a + "ComputeFromStatistics",
+         analysis_pb2.ComputeFromStatisticsRequest(input_json=stats_with(sum_sq=1).replace(
+             '"sum_sq": 1}', '"sum_sq": 1e400}')), invalid, "sum_sq"),
+        ("statistics with sums near the float maximum", a + "ComputeFromStatistics",
+         analysis_pb2.ComputeFromStatisticsRequest(input_json=stats_with(n=10**300, sum=1e308, sum_sq=1.7e308)),
+         {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}, ""),
+        ("statistics with a negative count", a + "ComputeFromStatistics",
+         analysis_pb2.ComputeFromStatisticsRequest(input_json=stats_with(n=-5)), invalid, "n"),
+    ]
+
+
+EXTREME_CASES = _extreme_cases()
+
+
+@pytest.mark.parametrize("case", EXTREME_CASES, ids=[c[0] for c in EXTREME_CASES])
+def test_extreme_values_get_a_clear_answer(case: tuple[str, str, object, set[grpc.StatusCode], str],
+                                           fuzz_targets: dict[str, ServerProcess]) -> None:
+    name, path, request, codes, text = case
+    with grpc.insecure_channel(target_of(path, fuzz_targets),
+                               options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        answer = raw_call(channel, path, request.SerializeToString())  # type: ignore[attr-defined]
+    assert answer.code in codes, f"{name}: {answer.code} {answer.details[:300]}"
+    assert text in answer.details, f"{name}: the error should name {text!r}: {answer.details[:300]}"
+    assert all(s.proc.poll() is None for s in fuzz_targets.values())
