@@ -335,6 +335,57 @@ def test_sigkill_during_decide_loses_no_decision_answered_before_the_window(tmp_
           f"{worst_age * 1000:.0f} ms of the kill")
 
 
+# -- one large Score among many small Predicts ---------------------------------------------------
+
+def test_a_large_score_does_not_hold_up_small_predicts(tmp_path: Path, xgb_sources: Path,
+                                                       servers: list[ServerProcess]) -> None:
+    """Small Predicts keep their latency while 90,000-candidate Scores run (in the batch pool)."""
+    root = tmp_path / "repo"
+    copy_version(xgb_sources, root, "ranker", 3)  # 30 trees
+    server = start_server(tmp_path, "serve-model", "--repository", str(root), "--lake", "none", name="score")
+    servers.append(server)
+    row = dense(make_data(1, seed=11)[0])
+    candidates = dense(make_data(90_000, seed=12)[0])
+
+    async def predict(channel: grpc.aio.Channel, i: int) -> str:
+        await model_pb2_grpc.ModelServiceStub(channel).Predict(model_pb2.PredictRequest(model="ranker", dense=row),
+                                                               timeout=20)
+        return ""
+
+    async def score(channel: grpc.aio.Channel, i: int) -> str:
+        response = await model_pb2_grpc.ModelServiceStub(channel).Score(
+            model_pb2.ScoreRequest(model="ranker", candidates=candidates, top_k=10), timeout=30)
+        assert len(response.scores) == 90_000
+        return ""
+
+    def latencies(calls: list[Call], since: float = 0.0) -> np.ndarray:
+        return np.array([c.done - c.sent for c in calls if c.code == grpc.StatusCode.OK and c.sent >= since])
+
+    alone = Load(server.target, predict, concurrency=4).start()
+    time.sleep(1.5)
+    baseline = latencies(alone.stop())
+    small = Load(server.target, predict, concurrency=4).start()
+    time.sleep(0.3)
+    scores_started = time.monotonic()
+    large = Load(server.target, score, concurrency=1).start()
+    time.sleep(3.0)
+    score_calls = large.stop()
+    during = small.stop()
+    assert not failed(score_calls) and not failed(during)
+    score_latency = latencies(score_calls)
+    mixed = latencies([c for c in during if c.sent < score_calls[-1].done], since=scores_started)
+    p50, p99, worst = np.percentile(mixed, 50), np.percentile(mixed, 99), mixed.max()
+    print(f"\nlarge Score among small Predicts: {len(score_latency)} Scores of 90,000 candidates, "
+          f"{np.median(score_latency) * 1000:.0f} ms each (median); Predict alone p50 "
+          f"{np.median(baseline) * 1000:.1f} ms p99 {np.percentile(baseline, 99) * 1000:.1f} ms; "
+          f"with the Scores p50 {p50 * 1000:.1f} ms p99 {p99 * 1000:.1f} ms max {worst * 1000:.1f} ms "
+          f"({len(mixed)} Predicts)")
+    # On the event loop, every Predict that arrives during a Score waits for all of it: p99 would be
+    # at least the Score's length. Off the loop they share the CPU with it but do not queue behind it.
+    assert np.median(score_latency) > 0.05, "the Score is too short to tell"
+    assert p99 < 0.5 * np.median(score_latency), (p99, np.median(score_latency))
+
+
 # -- random bytes and extreme values into every model and analysis RPC ----------------------------
 
 MODEL_SERVICE = "twofold.model.v1.ModelService"
@@ -533,7 +584,7 @@ def _extreme_cases() -> list[tuple[str, str, object, set[grpc.StatusCode], str]]
         ("predict 0 rows", p + "Predict", model_pb2.PredictRequest(model="ranker", dense=dr(rows=0, cols=6)),
          invalid, "dense"),
         ("predict 200,000 rows", p + "Predict",
-         model_pb2.PredictRequest(model="ranker", dense=dr(data=bytes(4 * 200_000), rows=200_000, cols=1)),
+         model_pb2.PredictRequest(model="ranker", dense=dr(data=bytes(24 * 200_000), rows=200_000, cols=6)),
          too_big, "dense"),
         ("predict NaN/inf on a policy", p + "Predict",
          model_pb2.PredictRequest(model="linucb", dense=dr(data=inf3, rows=1, cols=3)), invalid, "inf"),
@@ -546,7 +597,7 @@ def _extreme_cases() -> list[tuple[str, str, object, set[grpc.StatusCode], str]]
          model_pb2.PredictRequest(model="x" * 100_000, dense=dr(data=nan6, rows=1, cols=6)),
          {grpc.StatusCode.NOT_FOUND}, "unknown model"),
         ("score 200,000 candidates", p + "Score",
-         model_pb2.ScoreRequest(model="ranker", candidates=dr(data=bytes(4 * 200_000), rows=200_000, cols=1)),
+         model_pb2.ScoreRequest(model="ranker", candidates=dr(data=bytes(24 * 200_000), rows=200_000, cols=6)),
          too_big, "candidates"),
         ("score top_k 2^32-1 and inf", p + "Score",
          model_pb2.ScoreRequest(model="ranker", top_k=2**32 - 1,
