@@ -1,0 +1,53 @@
+"""Large calls run in a bounded pool; calls nobody waits for any more are not run (issue 14, item 3)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from protos.twofold.model.v1 import model_pb2, model_pb2_grpc
+from tests.model.conftest import Repo, make_data, metric, scrape, start_model_server
+from twofold.testing import BackgroundLoop
+
+
+def dense(x: np.ndarray) -> model_pb2.DenseRows:
+    x = np.ascontiguousarray(x, dtype="<f4")
+    return model_pb2.DenseRows(data=x.tobytes(), rows=x.shape[0], cols=x.shape[1])
+
+
+def test_queued_large_calls_past_their_deadline_are_not_run_and_the_queue_is_bounded(
+        tmp_path: Path, model_repo: Repo) -> None:
+    big = model_pb2.ScoreRequest(model="ranker", candidates=dense(make_data(90_000, seed=1)[0]))
+    medium = model_pb2.ScoreRequest(model="ranker", candidates=dense(make_data(64, seed=2)[0]))
+    with BackgroundLoop() as loop:
+        server = start_model_server(loop, model_repo.root, None, poll_seconds=0, pool_threads=1)
+        try:
+            port = server.running.metrics_port or 0
+            with grpc.insecure_channel(server.target) as channel:
+                stub = model_pb2_grpc.ModelServiceStub(channel)
+                stub.Score(medium, timeout=10)  # connected and warm
+                before = scrape(port)
+                started = time.monotonic()
+                running = stub.Score.future(big, timeout=30)
+                time.sleep(0.02)
+                # Behind the big one in the one-thread pool: 8 may queue, the rest are refused at once.
+                queued = [stub.Score.future(medium, timeout=0.05) for _ in range(14)]
+                codes = [f.exception().code() if f.exception() else grpc.StatusCode.OK for f in queued]
+                refused_after = time.monotonic() - started
+                assert running.result().scores
+                big_seconds = time.monotonic() - started
+                after = scrape(port)
+        finally:
+            loop.run(server.running.stop(0))
+    assert big_seconds > 0.1, "the large Score must outlast the small deadlines for this test to mean anything"
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 14 - 8, codes
+    assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) == 8, codes
+    ran = (metric(after, "twofold_model_requests_total", model="ranker", method="Score")
+           - metric(before, "twofold_model_requests_total", model="ranker", method="Score"))
+    # Only the large one ran: the queued calls' deadlines passed before their turn, so gRPC cancelled
+    # them and the pool dropped them unrun (a call the pool picks up late is checked again there).
+    assert ran == 1
+    assert refused_after < big_seconds
