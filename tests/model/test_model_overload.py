@@ -34,7 +34,14 @@ def test_queued_large_calls_past_their_deadline_are_not_run_and_the_queue_is_bou
                 running = stub.Score.future(big, timeout=30)
                 time.sleep(0.02)
                 # Behind the big one in the one-thread pool: 8 may queue, the rest are refused at once.
-                queued = [stub.Score.future(medium, timeout=0.05) for _ in range(14)]
+                queued = []
+                answered_in: dict[int, float] = {}
+                for i in range(14):
+                    sent = time.monotonic()
+                    future = stub.Score.future(medium, timeout=0.05)
+                    future.add_done_callback(
+                        lambda _f, i=i, sent=sent: answered_in.__setitem__(i, time.monotonic() - sent))
+                    queued.append(future)
                 codes = [f.exception().code() if f.exception() else grpc.StatusCode.OK for f in queued]
                 refused_after = time.monotonic() - started
                 assert running.result().scores
@@ -51,3 +58,6 @@ def test_queued_large_calls_past_their_deadline_are_not_run_and_the_queue_is_bou
     # them and the pool dropped them unrun (a call the pool picks up late is checked again there).
     assert ran == 1
     assert refused_after < big_seconds
+    refusals = sorted(answered_in[i] for i, code in enumerate(codes) if code == grpc.StatusCode.RESOURCE_EXHAUSTED)
+    print(f"\nlarge calls refused RESOURCE_EXHAUSTED in {refusals[0] * 1000:.1f}-{refusals[-1] * 1000:.1f} ms "
+          f"while a {big_seconds * 1000:.0f} ms Score ran")
