@@ -153,7 +153,6 @@ class DecisionLog:
             self._hand_over()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.interval, self._hand_over)
-        BACKLOG.set(self.backlog)
 
     def _hand_over(self) -> None:
         if self._timer is not None:
@@ -169,6 +168,7 @@ class DecisionLog:
             return
         self._handed.append(_HandOver(time.monotonic(), len(batch), future))
         self._handed_records += len(batch)
+        BACKLOG.set(self.backlog)  # set per hand-over (and per fsync), not per call: a few µs each
         count = len(batch)
         future.add_done_callback(lambda f: self._done(f, count))
 
