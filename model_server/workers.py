@@ -126,7 +126,9 @@ def run_workers(args: argparse.Namespace, serve_one: Callable[[argparse.Namespac
                         "worker": index, "pid": pid, "exit_code": code}})
                     time.sleep(0.5)
                     spawn(index)
-                elif code != 0:
+                elif code not in (0, -signal.SIGTERM):
+                    # -SIGTERM: a worker still starting (a replacement) when our SIGTERM came; it had
+                    # not installed its draining handler yet, so the default action ended it.
                     exit_code = code if code > 0 else 1
                 continue
             if not published and len(list(state_dir.glob("worker-*.json"))) >= args.workers:
