@@ -307,7 +307,13 @@ def test_sigkill_during_decide_loses_no_decision_answered_before_the_window(tmp_
             return response.decision_id
 
         load = Load(server.target, decide, concurrency=64).start()
-        time.sleep(2.5)
+        backlog = []
+        for _ in range(10):
+            time.sleep(0.25)
+            body = scrape(server.metrics_port)
+            assert "twofold_model_decision_log_backlog " in body  # the gauge SREs watch
+            backlog.append(metric(body, "twofold_model_decision_log_backlog"))
+        waits = metric(body, "twofold_model_decision_log_waits_total")
         killed_at = time.monotonic()
         server.proc.send_signal(signal.SIGKILL)
         calls = load.stop()
@@ -327,7 +333,8 @@ def test_sigkill_during_decide_loses_no_decision_answered_before_the_window(tmp_
         lost_total += len(lost)
         worst_age = max([worst_age, *(killed_at - c.done for c in lost)])
         print(f"\nSIGKILL round {round_}: {len(answered)} decisions answered, {len(lost)} not in Parquet "
-              f"(oldest answered {max((killed_at - c.done for c in lost), default=0) * 1000:.0f} ms before the kill)")
+              f"(oldest answered {max((killed_at - c.done for c in lost), default=0) * 1000:.0f} ms before the kill); "
+              f"backlog gauge up to {max(backlog):.0f} records, {waits:.0f} calls waited for the writer")
         assert not old_lost, (f"{len(old_lost)} decisions answered more than {DECISION_WINDOW_S * 1000:.0f} ms "
                               f"before the SIGKILL are missing, the oldest "
                               f"{max(killed_at - c.done for c in old_lost) * 1000:.0f} ms")
