@@ -248,8 +248,10 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         state = self.worker.experiments.get(request.experiment) if self.worker else None
         if state is None:
             known = ", ".join(sorted(self.worker.experiments)) if self.worker else ""
+            # Quoted at most 200 characters: the message travels in a header clients cap at 16 kB.
+            shown = request.experiment if len(request.experiment) <= 200 else request.experiment[:200] + "..."
             await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"no experiment {request.experiment!r}; configured: {known or 'none'}")
+                                f"no experiment {shown!r}; configured: {known or 'none'}")
         assert state is not None
         if state.analysis is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
@@ -266,16 +268,27 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
     async def ComputeFromStatistics(self, request: analysis_pb2.ComputeFromStatisticsRequest,
                                     context: grpc.aio.ServicerContext
                                     ) -> analysis_pb2.ComputeFromStatisticsResponse:
+        # Everything here comes from the caller, so every failure is answered INVALID_ARGUMENT naming
+        # input_json, never UNKNOWN: JSON nested deeper than Python's recursion limit (RecursionError),
+        # integers of more than 4300 digits (ValueError), numbers a float cannot hold (OverflowError).
         try:
             raw = json.loads(request.input_json)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input_json is not valid JSON: {exc}")
         try:
             inp = parse_input(raw)
         except InputError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        document = await asyncio.to_thread(compute_results, inp)
-        return analysis_pb2.ComputeFromStatisticsResponse(results_json=json.dumps(document))
+        except (ValueError, TypeError, ArithmeticError, RecursionError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input_json: {type(exc).__name__}: {exc}")
+        try:
+            document = await asyncio.to_thread(compute_results, inp)
+            results_json = json.dumps(document)
+        except (ValueError, ArithmeticError) as exc:
+            log.warning("statistics refused", extra={"fields": {"error": repr(exc)}})
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"input_json: these statistics cannot be computed: {type(exc).__name__}: {exc}")
+        return analysis_pb2.ComputeFromStatisticsResponse(results_json=results_json)
 
 
 def registration(worker: AnalysisWorker | None) -> ServiceRegistration:
