@@ -11,6 +11,7 @@ from assignment_server.service import SERVICE_NAME, FlagResolverServicer, add_to
 from assignment_server.state_source import StateSource
 from assignment_server.tokens import TokenCodec, load_key
 from twofold.lake import LakeWriter
+from twofold.lakestore import is_url
 from twofold.resolver import InMemoryMaterializations, MaterializationStore, SqliteMaterializations
 from twofold.server import RunningServer, ServiceRegistration, ServiceSetup
 from twofold.settings import ServerSettings
@@ -18,10 +19,15 @@ from twofold.settings import ServerSettings
 log = logging.getLogger("twofold.assignment")
 
 
-def open_materializations(spec: str | None, lake: str) -> MaterializationStore:
+def open_materializations(spec: str | None, lake: str, wal_dir: str | None = None) -> MaterializationStore:
     if spec == "memory":
         return InMemoryMaterializations()
-    path = Path(spec) if spec else Path(lake).resolve().parent / "materializations.sqlite"
+    if spec:
+        path = Path(spec)
+    elif is_url(lake):  # an object-store lake has no local parent folder: beside the write-ahead logs
+        path = Path(wal_dir or ".") / "materializations.sqlite"
+    else:
+        path = Path(lake).resolve().parent / "materializations.sqlite"
     return SqliteMaterializations(path)
 
 
@@ -35,12 +41,20 @@ def build_setup(args: argparse.Namespace) -> Callable[[ServerSettings], Awaitabl
         if origin == "generated at startup":
             log.warning("no token key configured; generated one (resolve tokens will not survive a restart "
                         "or work across replicas): set TWOFOLD_TOKEN_KEY")
-        exposures = LakeWriter(args.lake, "exposures")
-        events = LakeWriter(args.lake, "events")
+        writer = {"writer_id": getattr(args, "writer_id", None), "wal_dir": getattr(args, "wal_dir", None)}
+        exposures = LakeWriter(args.lake, "exposures", **writer)
+        events = LakeWriter(args.lake, "events", **writer)
         await exposures.start()
-        await events.start()
-        store = open_materializations(getattr(args, "materializations", None), args.lake)
+        try:
+            await events.start()
+        except BaseException:
+            await exposures.close()
+            raise
+        store = open_materializations(getattr(args, "materializations", None), args.lake, writer["wal_dir"])
         servicer = FlagResolverServicer(source, exposures, events, TokenCodec(key), store)
+        # Ids stored shortly before a restart: a client resending a batch whose answer it never
+        # got is told "duplicates" instead of storing it twice (issue 14.6).
+        servicer.remember_stored(exposures.recent_ids(), events.recent_ids())
         log.info("assignment server ready", extra={"fields": {
             "flags": str(args.flags), "lake": str(args.lake), "generation": served.generation,
             "token_key": origin}})

@@ -155,6 +155,13 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
         self._id_prefix = os.urandom(8).hex()
         self._id_counter = itertools.count()
 
+    def remember_stored(self, exposure_ids: Iterable[str], event_ids: Iterable[str]) -> None:
+        """Seed the duplicate filters with ids already in the lake (read back by the writers at start)."""
+        for eid in exposure_ids:
+            self._seen_exposures.add(eid)
+        for eid in event_ids:
+            self._seen_events.add(eid)
+
     # -- helpers --------------------------------------------------------------------------------
 
     def _served(self) -> Served:

@@ -36,6 +36,9 @@ class ModelServerConfig:
     # One-row runs joined while calls queue (model_server.coalescing); a window of 0 turns it off.
     coalesce_window_ms: float = DEFAULT_WINDOW_SECONDS * 1000
     coalesce_max_rows: int = DEFAULT_MAX_ROWS
+    # The decision log's owner id and local write-ahead folder (twofold.lake); None: the defaults.
+    writer_id: str | None = None
+    wal_dir: str | None = None
 
 
 @dataclass
@@ -58,8 +61,8 @@ async def build(config: ModelServerConfig) -> ModelServerParts:
     if config.lake:
         from twofold.lake import LakeWriter
 
-        writer = LakeWriter(root=os.fspath(config.lake), table="decisions",
-                            compact_interval_s=config.lake_compact_interval_s)
+        writer = LakeWriter(root=os.fspath(config.lake), table="decisions", writer_id=config.writer_id,
+                            wal_dir=config.wal_dir, compact_interval_s=config.lake_compact_interval_s)
         await writer.start()
         # pyarrow imports pandas the first time it builds an array from Python objects (~0.2 s,
         # mostly holding the GIL). Pay that now, before serving, not in the first compaction

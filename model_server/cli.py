@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from twofold.cli import Command
+from twofold.lakestore import add_writer_arguments
 from twofold.settings import add_server_arguments, env_default
 
 DEFAULT_PORT = 50052
@@ -29,7 +30,9 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--repository", default=env_default("model_repository", None), required=False,
                    help="model repository folder: <repository>/<model>/<version>/ [TWOFOLD_MODEL_REPOSITORY]")
     g.add_argument("--lake", default=env_default("lake", "data/lake"),
-                   help="lake root for the decision log; 'none' to disable logging [TWOFOLD_LAKE]")
+                   help="lake root for the decision log, a folder or a URL (s3://bucket/prefix); 'none' to "
+                        "disable logging [TWOFOLD_LAKE]")
+    add_writer_arguments(g)
     g.add_argument("--workers", type=int, default=int(env_default("workers", "1") or 1),
                    help="server processes sharing the port (forked before gRPC starts) [TWOFOLD_WORKERS]")
     g.add_argument("--version-policy", default=env_default("version_policy", "latest:1"),
@@ -77,6 +80,7 @@ def _serve_one(args: argparse.Namespace) -> int:
         repository=args.repository, lake=None if str(args.lake).lower() in ("", "none") else args.lake,
         version_policy=VersionPolicy.parse(args.version_policy), poll_seconds=args.poll_seconds,
         durable_decisions=args.durable_decisions, batch_threads=batch_threads(args),
+        writer_id=getattr(args, "writer_id", None), wal_dir=getattr(args, "wal_dir", None),
         **{k: v for k, v in coalescing.items() if v is not None})
 
     async def setup(_settings: ServerSettings) -> ServiceSetup:
@@ -109,6 +113,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"twofold serve-model: {problem}", file=sys.stderr)
         return 2
+    from twofold.lakestore import apply_storage_arguments
+
+    apply_storage_arguments(args)
     args.batch_threads = batch_threads(args)  # before forking: workers see workers=1
     if args.workers == 1:
         return _serve_one(args)

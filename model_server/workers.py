@@ -43,6 +43,7 @@ def _reserve_port(host: str) -> tuple[socket.socket, int]:
 
 def run_workers(args: argparse.Namespace, serve_one: Callable[[argparse.Namespace], int]) -> int:
     """Fork `args.workers` processes running `serve_one(args)`; supervise them until a signal."""
+    from twofold.lakestore import default_writer_id
     from twofold.logs import configure_logging
 
     configure_logging(args.log_level, args.log_format)
@@ -71,6 +72,8 @@ def run_workers(args: argparse.Namespace, serve_one: Callable[[argparse.Namespac
                 child_args.metrics_port = -1
                 child_args.ready_file = str(state_dir / f"worker-{index}.json")
                 child_args.workers = 1
+                # Each worker owns its own decision log, the same one after a restart (twofold.lake).
+                child_args.writer_id = f"{getattr(args, 'writer_id', None) or default_writer_id()}-w{index}"
                 code = serve_one(child_args)
             except BaseException:
                 logging.getLogger("twofold.model.workers").exception("worker failed")
