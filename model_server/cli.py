@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from twofold.cli import Command
-from twofold.lakestore import add_writer_arguments
+from twofold.lakestore import add_storage_arguments, add_writer_arguments
 from twofold.settings import add_server_arguments, env_default
 
 DEFAULT_PORT = 50052
@@ -174,7 +174,9 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
     bandit = sub.add_parser("bandit", help="fit a bandit policy from the lake (or publish an untrained one)")
     bandit.add_argument("--model", required=True, help="policy name in the repository")
     bandit.add_argument("--repository", required=True, help="model repository folder")
-    bandit.add_argument("--lake", default=env_default("lake", "data/lake"), help="lake root [TWOFOLD_LAKE]")
+    bandit.add_argument("--lake", default=env_default("lake", "data/lake"),
+                        help="lake root, a folder or a URL (s3://bucket/lake) [TWOFOLD_LAKE]")
+    add_storage_arguments(bandit)
     bandit.add_argument("--reward-event", help="event name that is the reward")
     bandit.add_argument("--window", type=_duration, default=dt.timedelta(hours=1),
                         help="reward window after each decision (30s, 15m, 1h, 7d)")
@@ -263,7 +265,9 @@ def _run_train_xgboost(args: argparse.Namespace) -> dict[str, Any]:
 def _run_train_bandit(args: argparse.Namespace) -> dict[str, Any]:
     from model_server.bandits import PolicyConfig
     from model_server.training import init_bandit, latest_manifest, train_bandit_from_lake
+    from twofold.lakestore import apply_storage_arguments
 
+    apply_storage_arguments(args)
     arms = [a.strip() for a in args.arms.split(",")] if args.arms else None
     features = [f.strip() for f in args.features.split(",")] if args.features else None
     knobs = {k: getattr(args, k) for k in ("alpha", "epsilon", "scale", "draws", "floor", "ridge", "base")

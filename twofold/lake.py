@@ -349,6 +349,13 @@ class LakeWriter:
     async def close(self) -> None:
         await asyncio.to_thread(self.close_sync)
 
+    def __enter__(self) -> LakeWriter:
+        self.start_sync()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close_sync()
+
     # ------------------------------------------------------------------ appends
     def append_nowait(self, records: Sequence[Mapping[str, Any]]) -> concurrent.futures.Future[None]:
         """Queue records; the future completes once they are fsynced (or fails with the reason).

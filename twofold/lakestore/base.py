@@ -104,8 +104,13 @@ def open_store(root: str | os.PathLike[str]) -> LakeStore:
         return LocalStore(text.removeprefix("file://"))
     from twofold.lakestore.object_store import ObjectStore
 
+    opened = text
+    if text.startswith("s3://") and "allow_delayed_open" not in text:
+        # A file smaller than one upload part then goes in a single PutObject instead of a
+        # three-request multipart upload (measured on the test server: 17 against 26 ms a file).
+        opened += ("&" if "?" in text else "?") + "allow_delayed_open=true"
     try:
-        filesystem, base = pafs.FileSystem.from_uri(text)
+        filesystem, base = pafs.FileSystem.from_uri(opened)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as exc:
         raise LakeStoreError(f"cannot open lake URL {text!r}: {exc}") from exc
     base = base.strip("/")
