@@ -157,3 +157,26 @@ def test_an_unusable_lake_url_is_refused_at_start(tmp_path: Path) -> None:
     with pytest.raises(LakeStoreError, match="cannot open lake URL"):
         LakeWriter("nosuch://bucket/lake", "events", wal_dir=tmp_path)
     assert not Path("s3:").exists()
+
+
+def test_lake_recover_publishes_the_logs_of_writers_gone_and_leaves_live_ones(tmp_path: Path) -> None:
+    """After a scale-down (or an upgrade from random writer ids) logs no pod will reclaim remain:
+    `twofold lake recover` publishes them, skipping any id a live process holds."""
+    gone = LakeWriter(tmp_path, "events", writer_id="pod-9", compact_interval_s=60)
+    gone.start_sync()
+    gone.append_sync([{"event_id": "orphan", "ts": 1, "unit": "u", "name": "n", "value": None, "properties": "{}"}])
+    gone._closed = True
+    assert gone._lock_fd is not None
+    os.close(gone._lock_fd)  # died: the lock is free, the segment stays
+    live = LakeWriter(tmp_path, "events", writer_id="pod-0", compact_interval_s=60)
+    live.start_sync()
+    try:
+        live.append_sync([{"event_id": "live", "ts": 1, "unit": "u", "name": "n", "value": None, "properties": "{}"}])
+        out = subprocess.run([sys.executable, "-m", "twofold", "lake", "recover", str(tmp_path)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == {"recovered": {"events": ["pod-9"]}, "skipped_live": ["events/pod-0"]}
+        assert list(iter_ids(tmp_path, "events")) == ["orphan"]
+    finally:
+        live.close_sync()
+    assert sorted(iter_ids(tmp_path, "events")) == ["live", "orphan"]
