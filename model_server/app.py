@@ -62,7 +62,8 @@ async def build(config: ModelServerConfig) -> ModelServerParts:
         from twofold.lake import LakeWriter
 
         writer = LakeWriter(root=os.fspath(config.lake), table="decisions", writer_id=config.writer_id,
-                            wal_dir=config.wal_dir, compact_interval_s=config.lake_compact_interval_s)
+                            wal_dir=config.wal_dir, compact_interval_s=config.lake_compact_interval_s,
+                            recent_ids_capacity=0)  # decision ids are made here: no client resends them
         await writer.start()
         # pyarrow imports pandas the first time it builds an array from Python objects (~0.2 s,
         # mostly holding the GIL). Pay that now, before serving, not in the first compaction

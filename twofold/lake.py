@@ -35,7 +35,8 @@ for small commits (12 decisions: 30 -> 28 µs; 12 events: 20 -> 21 µs, where py
 per-call cost dominates) and less for large ones (100 events: 5.4 -> 4.2 µs). `read_frames`
 still reads JSON frames, so segments left by an older version are recovered; the reverse does
 not hold, so a segment left by a crash of this version must be recovered by this version or a
-later one (a SIGTERM leaves none: closing compacts every segment).
+later one (a SIGTERM leaves none: closing compacts every segment). Older versions named their
+logs per process; `twofold lake recover` publishes such logs once.
 """
 
 from __future__ import annotations
@@ -621,6 +622,8 @@ class LakeWriter:
     # ------------------------------------------------------------------ recent ids
     def _remember_ids(self, path: Path, ids: pa.Array) -> None:
         """Keep a published segment's ids beside the log; forget the oldest beyond the capacity."""
+        if self.recent_ids_capacity <= 0:
+            return
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, pa.schema([("id", pa.string())])) as stream:
             stream.write_batch(pa.record_batch([ids.cast(pa.string())], names=["id"]))
@@ -641,6 +644,8 @@ class LakeWriter:
 
     def _load_recent_ids(self) -> None:
         """Read back the ids of this writer's recently published segments (oldest first)."""
+        if self.recent_ids_capacity <= 0:
+            return
         files = sorted(self.wal_dir.glob("*.ids"), key=lambda p: p.name)
         loaded: list[tuple[Path, list[str]]] = []
         for path in files:
