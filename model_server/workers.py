@@ -129,7 +129,9 @@ def run_workers(args: argparse.Namespace, serve_one: Callable[[argparse.Namespac
                         "worker": index, "pid": pid, "exit_code": code}})
                     time.sleep(0.5)
                     spawn(index)
-                elif code != 0:
+                elif code not in (0, -signal.SIGTERM):
+                    # A worker still starting when our SIGTERM came dies by it (its handler is not
+                    # installed yet, and its lake log is recovered by its next start): not a failure.
                     exit_code = code if code > 0 else 1
                 continue
             if not published and len(list(state_dir.glob("worker-*.json"))) >= args.workers:
