@@ -7,35 +7,45 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from assignment_server.materializations import StickyStore
 from assignment_server.service import SERVICE_NAME, FlagResolverServicer, add_to_server
 from assignment_server.state_source import StateSource
 from assignment_server.tokens import TokenCodec, load_key
 from twofold.lake import LakeWriter
 from twofold.lakestore import is_url
-from twofold.resolver import InMemoryMaterializations, MaterializationStore, SqliteMaterializations
+from twofold.resolver import open_store
 from twofold.server import RunningServer, ServiceRegistration, ServiceSetup
 from twofold.settings import ServerSettings
 
 log = logging.getLogger("twofold.assignment")
 
 
-def open_materializations(spec: str | None, lake: str, wal_dir: str | None = None) -> MaterializationStore:
-    if spec == "memory":
-        return InMemoryMaterializations()
-    if spec:
-        path = Path(spec)
-    elif is_url(lake):  # an object-store lake has no local parent folder: beside the write-ahead logs
-        path = Path(wal_dir or ".") / "materializations.sqlite"
-    else:
-        path = Path(lake).resolve().parent / "materializations.sqlite"
-    return SqliteMaterializations(path)
+def beside_lake(args: argparse.Namespace, name: str) -> Path:
+    """A local file next to the lake folder; for an object-store lake, in the write-ahead folder."""
+    if is_url(args.lake):
+        return Path(getattr(args, "wal_dir", None) or ".") / name
+    return Path(args.lake).resolve().parent / name
+
+
+def open_materializations(args: argparse.Namespace) -> StickyStore:
+    """The sticky-assignment store `--materializations` names (default: SQLite beside the lake)."""
+    spec = getattr(args, "materializations", None) or str(beside_lake(args, "materializations.sqlite"))
+    store = open_store(spec, timeout=getattr(args, "materializations_timeout", None))
+    return StickyStore(store, timeout=getattr(args, "materializations_timeout", None),
+                       cache_size=getattr(args, "materializations_cache", 100_000))
+
+
+def served_allocations_path(spec: str | None, args: argparse.Namespace) -> Path:
+    """Where the server records the allocation it serves (default: beside the lake)."""
+    return Path(spec) if spec else beside_lake(args, "served-allocations.json")
 
 
 def build_setup(args: argparse.Namespace) -> Callable[[ServerSettings], Awaitable[ServiceSetup]]:
     """The `setup` for `twofold.server.run_service` (also used by tests with a Namespace)."""
 
     async def setup(settings: ServerSettings) -> ServiceSetup:
-        source = StateSource(args.flags, poll_interval=args.reload_interval)
+        source = StateSource(args.flags, poll_interval=args.reload_interval,
+                             served_lock=served_allocations_path(getattr(args, "served_allocations", None), args))
         served = source.load_initial()
         key, origin = load_key(getattr(args, "token_key", None), getattr(args, "token_key_file", None))
         if origin == "generated at startup":
@@ -50,14 +60,14 @@ def build_setup(args: argparse.Namespace) -> Callable[[ServerSettings], Awaitabl
         except BaseException:
             await exposures.close()
             raise
-        store = open_materializations(getattr(args, "materializations", None), args.lake, writer["wal_dir"])
+        store = open_materializations(args)
         servicer = FlagResolverServicer(source, exposures, events, TokenCodec(key), store)
         # Ids stored shortly before a restart: a client resending a batch whose answer it never
         # got is told "duplicates" instead of storing it twice (issue 14.6).
         servicer.remember_stored(exposures.recent_ids(), events.recent_ids())
         log.info("assignment server ready", extra={"fields": {
             "flags": str(args.flags), "lake": str(args.lake), "generation": served.generation,
-            "token_key": origin}})
+            "token_key": origin, "materializations": store.store.describe()}})
 
         async def on_started(_running: RunningServer) -> None:
             source.start()
@@ -66,9 +76,7 @@ def build_setup(args: argparse.Namespace) -> Callable[[ServerSettings], Awaitabl
             await source.stop()
             await exposures.close()
             await events.close()
-            close = getattr(store, "close", None)
-            if close is not None:
-                close()
+            store.close()
 
         return ServiceSetup(
             services=[ServiceRegistration(SERVICE_NAME, servicer, add_to_server)],

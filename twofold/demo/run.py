@@ -48,7 +48,7 @@ DEMO_MARKER = "_twofold_demo"
 
 # Sub-folders the demo owns inside its folder (cleared at the start of a run).
 OWNED = ("flags", "repository", "lake", "wal", "experiments", "results", "logs", "materializations.sqlite",
-         "token.key")
+         "token.key", "served-allocations.json")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
