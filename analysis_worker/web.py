@@ -36,7 +36,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlsplit
 
-from analysis_worker.charts import fmt_number, fmt_p
+from analysis_worker.charts import fmt_number, fmt_p, fmt_pct
 from analysis_worker.report import page_head, render_html
 from twofold.settings import TlsSettings
 
@@ -198,8 +198,9 @@ class ResultsSite:
                  "<th class='l'>sample ratio</th></tr>" + "".join(rows) + "</table>") if rows else \
             "<p>No computation has been published since this server started.</p>"
         return (page_head(f"{state.name}: looks") + _nav(state.name) + f"<h1>{html.escape(state.name)}: looks</h1>"
-                "<p class='meta'>Every computation this server published, newest first (kept in memory, "
-                f"at most {self.history.limit}).</p><div class='scroll'>{table}</div></body></html>\n")
+                + _sequential_looks(state) +
+                "<h2>Computations</h2><p class='meta'>Every computation this server published, newest first (kept "
+                f"in memory, at most {self.history.limit}).</p><div class='scroll'>{table}</div></body></html>\n")
 
     def look(self, state: ExperimentState, number: int) -> str | None:
         looks = self.history.of(state.name)
@@ -208,6 +209,23 @@ class ResultsSite:
         banner = (f"<div class='banner keep-running'>Look {number} of {len(looks)}, computed "
                   f"{_when(looks[number - 1].computed_at)}: an earlier state of the results.</div>")
         return render_html(looks[number - 1].document, nav=_nav(state.name) + banner)
+
+
+def _sequential_looks(state: ExperimentState) -> str:
+    """The sequential test's look log (kept beside the results, so it survives restarts)."""
+    log_ = getattr(state, "looks", None)
+    looks = getattr(log_, "looks", None)
+    if not looks:
+        return ""
+    rows = "".join(f"<tr><td>{i}</td><td class='l'>{html.escape(str(look.get('at', '-')))}</td>"
+                   f"<td>{fmt_number(look.get('units'))}</td>"
+                   f"<td>{html.escape(fmt_pct(look.get('information'), 1, sign=False))}</td></tr>"
+                   for i, look in reversed(list(enumerate(looks, start=1))))
+    closed = " The test is closed: the plan is complete." if getattr(log_, "closed", None) else ""
+    return ("<h2>Sequential looks</h2><p class='meta'>Every look the sequential test took, newest first; the "
+            f"guarantee on false positives accounts for all of them.{closed}</p><div class='scroll'><table>"
+            "<tr><th>look</th><th class='l'>taken</th><th>units</th><th>information</th></tr>"
+            f"{rows}</table></div>")
 
 
 def _page(title: str, message: str) -> str:

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
-from google.protobuf import timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 from prometheus_client import Counter
 
@@ -76,6 +76,13 @@ def exposure_dimensions(declared: Iterable[str], context: dict[str, Any]) -> str
         if value is not None and not isinstance(value, (dict, list)):
             out[name] = value
     return json.dumps(out, sort_keys=True, separators=(",", ":"))
+
+
+def _now_timestamp() -> timestamp_pb2.Timestamp:
+    """The server clock now, for the responses a client learns its clock offset from."""
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(time.time_ns())
+    return stamp
 
 
 def _exposure_id(*parts: str) -> str:
@@ -149,6 +156,17 @@ async def _reject_undecodable(request: Any, context: grpc.aio.ServicerContext) -
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid protobuf message")
 
 
+def _properties_json(properties: struct_pb2.Struct) -> str:
+    """An event's properties as canonical JSON; "{}" without building it for the common empty case.
+
+    Measured by bench/lake.py: the conversion cost 2.2 us per event, two thirds of the handler's
+    per-event work, for events that mostly carry no properties.
+    """
+    if not properties.fields:
+        return "{}"
+    return json.dumps(struct_to_dict(properties), sort_keys=True, separators=(",", ":"))
+
+
 def normalize_flag(name: str) -> str:
     return name if name.startswith("flags/") else f"flags/{name}"
 
@@ -171,6 +189,13 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
         # Resolve ids: unique without a system call per resolve (random per process + counter).
         self._id_prefix = os.urandom(8).hex()
         self._id_counter = itertools.count()
+
+    def remember_stored(self, exposure_ids: Iterable[str], event_ids: Iterable[str]) -> None:
+        """Seed the duplicate filters with ids already in the lake (read back by the writers at start)."""
+        for eid in exposure_ids:
+            self._seen_exposures.add(eid)
+        for eid in event_ids:
+            self._seen_events.add(eid)
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -331,10 +356,16 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_APPLIES_PER_CALL} exposures per call")
         if (request.flags or request.local_assignments) and not request.HasField("send_time"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send_time is required (clock skew correction)")
-        send = _micros(request.send_time)
+        # receive - send is an upper bound of (server clock - client clock): it includes the transit
+        # and any queueing. Events are stamped with it (never earlier than they happened); exposures
+        # with the client's lower bound when it sends one (never later than they happened), so an
+        # event tracked after an exposure is never ordered before it, whatever each call's delay.
+        offset = receive - _micros(request.send_time)
+        if request.HasField("clock_offset_micros"):
+            offset = min(offset, request.clock_offset_micros)
 
         def corrected(apply_time: timestamp_pb2.Timestamp) -> int:
-            return min(receive, receive - (send - _micros(apply_time)))
+            return min(receive, _micros(apply_time) + offset)
 
         records: list[dict[str, Any]] = []
         if request.flags:
@@ -379,7 +410,7 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
                                                                                la.assignment_id),
                                           client.name, corrected(la.apply_time)))
         accepted, duplicates = await self._write_exposures(records, context)
-        return pb.ApplyFlagsResponse(accepted=accepted, duplicates=duplicates)
+        return pb.ApplyFlagsResponse(accepted=accepted, duplicates=duplicates, server_time=_now_timestamp())
 
     # -- TrackEvents ----------------------------------------------------------------------------
 
@@ -412,8 +443,7 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
                 ts = receive
             records.append({"event_id": e.event_id, "ts": ts, "unit": e.unit, "name": e.name,
                             "value": e.value if e.HasField("value") else None,
-                            "properties": json.dumps(struct_to_dict(e.properties), sort_keys=True,
-                                                     separators=(",", ":"))})
+                            "properties": _properties_json(e.properties)})
         if records:
             for eid in batch_ids:
                 self._seen_events.add(eid)
@@ -424,7 +454,7 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
                 raise
         EVENTS.labels("accepted").inc(len(records))
         EVENTS.labels("duplicate").inc(duplicates)
-        return pb.TrackEventsResponse(accepted=len(records), duplicates=duplicates)
+        return pb.TrackEventsResponse(accepted=len(records), duplicates=duplicates, server_time=_now_timestamp())
 
     # -- WatchState -----------------------------------------------------------------------------
 

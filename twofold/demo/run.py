@@ -37,14 +37,18 @@ import numpy as np
 import yaml
 
 from twofold.demo import experiment, world
-from twofold.demo.processes import InterruptGuard, ServerGroup, ServerProcess
+from twofold.demo.processes import InterruptGuard, ServerGroup, ServerProcess, say_on_stderr
 from twofold.demo.progress import Progress
 from twofold.demo.simulate import Visit, draw_outcomes, track_outcomes, visit_all
 from twofold.demo.train import TrainedSystems, Truth, train_systems, true_rates
+from twofold.lakestore import LakeStoreError, add_storage_arguments, apply_storage_arguments, open_store
+
+# Marks a lake prefix as the demo's own, so a later run may clear it (and nothing else).
+DEMO_MARKER = "_twofold_demo"
 
 # Sub-folders the demo owns inside its folder (cleared at the start of a run).
-OWNED = ("flags", "repository", "lake", "experiments", "results", "logs", "materializations.sqlite", "token.key",
-         "served-allocations.json")
+OWNED = ("flags", "repository", "lake", "wal", "experiments", "results", "logs", "materializations.sqlite",
+         "token.key", "served-allocations.json")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +65,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
     parser.add_argument("--serve", action="store_true",
                         help="at the end, keep the analysis server and its results web UI up until Ctrl-C")
+    parser.add_argument("--lake", default=None,
+                        help="lake URL, e.g. s3://bucket/prefix (default: a folder inside --dir); the write-ahead "
+                             "logs stay in --dir. The demo clears a prefix it used before and refuses one "
+                             "holding other data")
+    add_storage_arguments(parser)
 
 
 def _say(message: str) -> None:
@@ -98,17 +107,35 @@ def _prepare(folder: Path) -> dict[str, Path]:
     key.write_text(base64.b64encode(os.urandom(32)).decode())
     paths["token_key"] = key
     paths["materializations"] = folder / "materializations.sqlite"
+    paths["wal"] = folder / "wal"
     return paths
+
+
+def use_lake_url(url: str, paths: dict[str, Any]) -> None:
+    """Make the demo write to and read from the lake at `url` (its logs stay local, in `wal/`).
+
+    A prefix the demo wrote before (it leaves a marker) is cleared so that results are this run's;
+    a prefix with other data is refused: the demo never deletes a lake it did not create.
+    """
+    store = open_store(url)
+    existing = [f for f in store.list_files("", suffix="") if not f.path.startswith("_probe/")]
+    if existing:
+        if not store.exists(DEMO_MARKER):
+            raise ValueError(f"the lake {url} already holds data the demo did not write; give an empty prefix")
+        for f in existing:
+            store.delete(f.path)
+    store.publish(DEMO_MARKER, b"written by twofold demo\n")
+    paths["lake"] = url
 
 
 def _start_servers(group: ServerGroup, paths: dict[str, Path]) -> dict[str, ServerProcess]:
     """Start the three servers concurrently (each loads its own state) and wait until all serve."""
     commands = {
         "assignment": ["serve-assignment", "--flags", str(paths["flags"]), "--lake", str(paths["lake"]),
-                       "--token-key-file", str(paths["token_key"]),
+                       "--wal-dir", str(paths["wal"]), "--token-key-file", str(paths["token_key"]),
                        "--materializations", str(paths["materializations"]), "--log-format", "text"],
         "model": ["serve-model", "--repository", str(paths["repository"]), "--lake", str(paths["lake"]),
-                  "--log-format", "text"],
+                  "--wal-dir", str(paths["wal"]), "--log-format", "text"],
         "analysis": ["serve-analysis", "--experiments", str(paths["experiments"]), "--lake", str(paths["lake"]),
                      "--every", "5s", "--out", str(paths["results"] / "served"), "--threads", "1",
                      "--http-host", "127.0.0.1", "--http-port", "0", "--log-format", "text"],
@@ -202,7 +229,7 @@ def _served_results(server: ServerProcess, document: dict[str, Any], since: dt.d
     return False, f"no computation over the complete lake within {timeout:.0f}s"
 
 
-def _bandit_log(lake: Path, visits: list[Visit]) -> tuple[int, int, float, float]:
+def _bandit_log(lake: str | Path, visits: list[Visit]) -> tuple[int, int, float, float]:
     """(bandit units, their decisions in the lake, min and max logged propensity)."""
     from twofold.lake import read_table
 
@@ -235,17 +262,30 @@ def run(args: argparse.Namespace) -> int:
     folder = Path(temp or args.dir).resolve()
     progress = not args.no_progress
     paths = _prepare(folder)
+    apply_storage_arguments(args)  # the servers it starts inherit the AWS_* environment
+    if args.lake:
+        try:
+            use_lake_url(args.lake, paths)
+        except (ValueError, OSError, LakeStoreError) as exc:
+            print(f"twofold demo: {exc}", file=sys.stderr)
+            return 2
     group = ServerGroup(paths["logs"])
-    try:
-        with InterruptGuard():
+    guard = InterruptGuard()
+    with guard:  # also around the cleanup: a second Ctrl-C must not leave servers behind
+        interrupted = False
+        try:
             return _run(args, folder, paths, group, progress, started, temp=bool(temp))
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopping the servers the demo started", file=sys.stderr)
-        return 130
-    finally:
-        group.stop_all()
-        if temp:
-            shutil.rmtree(temp, ignore_errors=True)
+        except KeyboardInterrupt:
+            interrupted = True
+            return 130
+        finally:
+            guard.stopping = True
+            group.stop_all()
+            if temp:
+                shutil.rmtree(temp, ignore_errors=True)
+            if interrupted:
+                say_on_stderr("interrupted: every server the demo started is stopped"
+                              + (", its temporary folder removed" if temp else ""))
 
 
 def _run(args: argparse.Namespace, folder: Path, paths: dict[str, Path], group: ServerGroup,
