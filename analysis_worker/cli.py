@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from twofold.cli import Command
 from twofold.lakestore import add_storage_arguments, apply_storage_arguments
 from twofold.server import ServerSettings, ServiceSetup, run_service
 from twofold.settings import add_server_arguments, env_default
+
+log = logging.getLogger("twofold.analysis")
 
 DEFAULT_PORT = 50053
 # The results web UI listens on the gRPC port + 2000 by default (metrics use + 1000).
@@ -151,10 +154,10 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
                         help="DuckDB memory limit, e.g. 3GB [TWOFOLD_ANALYSIS_MEMORY_LIMIT]")
     parser.add_argument("--http-host", default=env_default("http_host", "0.0.0.0"),
                         help="results web UI bind address [TWOFOLD_HTTP_HOST, default 0.0.0.0]")
-    parser.add_argument("--http-port", type=int,
-                        default=int(env_default("http_port", str(DEFAULT_PORT + HTTP_PORT_OFFSET)) or 0),
-                        help="results web UI port, 0 for any free port, -1 to turn it off "
-                             f"[TWOFOLD_HTTP_PORT, default {DEFAULT_PORT + HTTP_PORT_OFFSET}]")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="results web UI port, 0 for any free port, -1 to turn it off [TWOFOLD_HTTP_PORT, "
+                             f"default the gRPC port + {HTTP_PORT_OFFSET} ({DEFAULT_PORT + HTTP_PORT_OFFSET}), "
+                             "or any free port when --port is 0]")
     parser.add_argument("--client-secrets-file", default=env_default("client_secrets_file", None),
                         help="file with one client secret per line; the web UI then requires one in the "
                              "Authorization header (Bearer, or Basic with the secret as password) "
@@ -178,6 +181,11 @@ def _run_serve(args: argparse.Namespace) -> int:
     from analysis_worker.web import ResultsWebServer
     from twofold.server import RunningServer
 
+    if args.http_port is None:
+        env = env_default("http_port", None)
+        # Follows the gRPC port, so a server on a free port (tests, the demo) never collides on a fixed one.
+        args.http_port = int(env) if env else (args.port + HTTP_PORT_OFFSET if 0 < args.port <= 65535 - HTTP_PORT_OFFSET
+                                               else 0)
     if not -1 <= args.http_port <= 65535:
         _err(f"--http-port must be within -1..65535, got {args.http_port}")
         return 2
@@ -195,8 +203,13 @@ def _run_serve(args: argparse.Namespace) -> int:
     async def setup(settings: ServerSettings) -> ServiceSetup:
         worker = AnalysisWorker(args.experiments, args.lake, every_seconds=args.every, out_dir=args.out,
                                 threads=args.threads, memory_limit=args.memory_limit)
-        web = None if args.http_port < 0 else ResultsWebServer(
-            worker, args.http_host, args.http_port, tls=settings.tls, secrets=secrets)
+        web = None
+        if args.http_port >= 0:
+            try:
+                web = ResultsWebServer(worker, args.http_host, args.http_port, tls=settings.tls, secrets=secrets)
+            except OSError as exc:  # the results still serve over gRPC; the log says why the pages do not
+                log.error("results web UI not started", extra={"fields": {
+                    "host": args.http_host, "port": args.http_port, "error": str(exc)}})
 
         async def on_started(running: RunningServer) -> None:
             if web is not None:

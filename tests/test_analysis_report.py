@@ -23,7 +23,7 @@ from analysis_worker.report import render_html, render_table
 from analysis_worker.synthetic import write_synthetic_lake
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "experiments" / "home-ranking.yaml"
+EXAMPLE = ROOT / "tests" / "data" / "home-ranking-analysis.yaml"  # matches the synthetic lake
 STATS = ROOT / "examples" / "experiments" / "stats-input.json"
 LATER = dt.datetime(2026, 12, 31, tzinfo=dt.UTC)
 
@@ -53,7 +53,8 @@ def test_people_read_counts_with_separators_not_exponents() -> None:
     doc = compute_results(parse_input(json.loads(STATS.read_text())))
     doc["srm"]["expected"] = {k: v * 5 for k, v in doc["srm"]["expected"].items()}  # 50,125: once 5.012e+04
     page = render_html(doc)
-    assert "50,125" in page and not re.search(r"\d\.\d+e[+-]\d", page)
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", page) + re.findall(r"<text[^>]*>([^<]*)</text>", page)
+    assert "50,125" in cells and not [c for c in cells if re.search(r"\d\.\d+e[+-]\d", c)]
     assert "e+0" not in render_table(doc)
 
 
@@ -116,7 +117,8 @@ def test_many_variants_and_huge_counts_render(tmp_path: Path) -> None:
         base = metric["variants"]["control"]
         metric["variants"] = {n: {k: v * 400 for k, v in base.items()} for n in names}
     page = render_html(compute_results(parse_input(raw)))
-    assert "4,000,000" in page and not re.search(r"\d\.\d+e[+-]\d", page)
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", page) + re.findall(r"<text[^>]*>([^<]*)</text>", page)
+    assert "4,000,000" in cells and not [c for c in cells if re.search(r"\d\.\d+e[+-]\d", c)]
     interval = _charts(page)["relative effect vs control (interval of the test)"]
     assert interval.count("<circle class='mark'") == 7
 

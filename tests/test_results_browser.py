@@ -30,7 +30,7 @@ from analysis_worker.synthetic import write_synthetic_lake
 from tests.browser import Browser
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "experiments" / "home-ranking.yaml"
+EXAMPLE = ROOT / "tests" / "data" / "home-ranking-analysis.yaml"  # matches the synthetic lake
 SHOTS = Path(os.environ.get("TWOFOLD_SCREENSHOTS_DIR", ROOT / "build" / "screenshots"))
 SECRET = "s3cret-for-the-results-ui"
 
@@ -344,3 +344,28 @@ def test_with_mutual_tls_the_pages_need_a_client_certificate(tmp_path: Path) -> 
             assert reply.status == 200 and "Experiments" in reply.read().decode()
     finally:
         _stop(served)
+
+
+def test_on_a_free_grpc_port_the_ui_takes_a_free_port_too(tmp_path: Path) -> None:
+    """Servers started with --port 0 (tests, the demo) never collide on the fixed default 52053."""
+    served = _serve_default_http(tmp_path)
+    try:
+        port = int(served.base.rsplit(":", 1)[1])
+        assert port != 52053 and _get(f"{served.base}/healthz")[0] == 200
+    finally:
+        _stop(served)
+
+
+def _serve_default_http(tmp: Path) -> Served:
+    ready = tmp / "ready.json"
+    log = tmp / "serve.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "twofold", "serve-analysis", "--experiments", str(tmp), "--lake", str(tmp),
+         "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--http-host", "127.0.0.1",
+         "--ready-file", str(ready)], cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        env={k: v for k, v in os.environ.items() if k != "TWOFOLD_HTTP_PORT"})
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.05)
+    return Served(proc, int(json.loads(ready.read_text())["http_port"]), log)

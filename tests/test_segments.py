@@ -29,7 +29,7 @@ from twofold.lake import read_table
 from twofold.testing import BackgroundLoop
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENT = ROOT / "examples" / "experiments" / "home-ranking.yaml"
+EXPERIMENT = ROOT / "tests" / "data" / "home-ranking-analysis.yaml"  # matches the synthetic lake
 LATER = dt.datetime(2026, 12, 31, tzinfo=dt.UTC)
 
 
