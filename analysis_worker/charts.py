@@ -333,6 +333,10 @@ def interval_chart(rows: list[IntervalRow], *, margin: float | None = None, titl
         if r.lower is not None and r.upper is not None and math.isfinite(r.lower) and math.isfinite(r.upper):
             out.append(f"<line class='mark errorbar' x1='{x(r.lower):.1f}' x2='{x(r.upper):.1f}' y1='{cy:.1f}' "
                        f"y2='{cy:.1f}' stroke='{r.colour}' stroke-width='3'/>")
+        elif r.lower is None and r.upper is None:  # an unbounded interval: dashed across the whole axis
+            out.append(f"<line class='mark unbounded' x1='{left:.1f}' x2='{right:.1f}' y1='{cy:.1f}' y2='{cy:.1f}' "
+                       f"stroke='{r.colour}' stroke-width='2' stroke-dasharray='2 3'><title>interval unbounded"
+                       "</title></line>")
         out.append(f"<circle class='mark' cx='{x(r.value):.1f}' cy='{cy:.1f}' r='5' fill='{r.colour}'>"
                    f"<title>{_esc(r.label)}: {_esc(x_format(r.value))} [{_esc(x_format(r.lower))}, "
                    f"{_esc(x_format(r.upper))}]</title></circle>")

@@ -50,6 +50,14 @@ def _pct(value: Any) -> str:
     return fmt_pct(value)
 
 
+def _relative_interval(c: dict[str, Any]) -> str:
+    """The relative interval; null ends mean Fieller's set is unbounded (the control mean may be 0)."""
+    lo, hi = c.get("relative_ci_lower"), c.get("relative_ci_upper")
+    if lo is None and hi is None and c.get("relative_diff") is not None:
+        return "unbounded"
+    return f"[{_pct(lo)}, {_pct(hi)}]"
+
+
 def _colours(document: dict[str, Any]) -> dict[str, str]:
     """One colour per variant, the same in every chart of the report."""
     names = list((document.get("units") or {}).keys())
@@ -206,7 +214,7 @@ def _comparison_table(metric: dict[str, Any]) -> str:
             f"<tr class='{cls}'><td class='l'>{html.escape(c['variant'])}</td><td>{_fmt(v.get('n'))}</td>"
             f"<td>{_fmt(v.get('mean'))}</td><td>{_fmt(c.get('diff'))}</td>"
             f"<td>[{_fmt(c.get('ci_lower'))}, {_fmt(c.get('ci_upper'))}]</td><td>{_pct(c.get('relative_diff'))}</td>"
-            f"<td>[{_pct(c.get('relative_ci_lower'))}, {_pct(c.get('relative_ci_upper'))}]</td>"
+            f"<td>{_relative_interval(c)}</td>"
             f"<td>{fmt_p(c.get('p_value'))}</td><td>{html.escape(str(c.get('method')))}, "
             f"{html.escape(str(c.get('alternative')))}</td>"
             f"<td class='{'sig' if c.get('significant') else ''}'>{_fmt(c.get('significant'))}</td></tr>")
@@ -302,7 +310,7 @@ def render_table(document: dict[str, Any]) -> str:
         means = {v["variant"]: v for v in metric.get("variants", [])}
         control = next(iter(means.values()), {})
         for c in metric.get("comparisons", []):
-            interval = f"[{_pct(c.get('relative_ci_lower'))}, {_pct(c.get('relative_ci_upper'))}]"
+            interval = _relative_interval(c)
             mark = "better" if c.get("better") else "WORSE" if c.get("worse") else "yes" if c.get("significant") else ""
             rows.append(f"{metric['metric'][:22]:<22} {metric['role']:<9} {c['variant'][:12]:<12} "
                         f"{_fmt(control.get('mean')):>11} {_fmt(means.get(c['variant'], {}).get('mean')):>11} "

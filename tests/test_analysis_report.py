@@ -130,3 +130,12 @@ def test_one_look_points_of_several_variants_stand_side_by_side() -> None:
                                       for i, v in enumerate(("a", "b", "c"))]).svg()
     xs = re.findall(r"<circle class='mark' cx='([\d.]+)'", svg)
     assert len(xs) == 3 and len(set(xs)) == 3
+
+
+def test_an_unbounded_relative_interval_is_said_and_drawn_across_the_axis() -> None:
+    """Fieller's interval is unbounded (null ends) when the control mean's interval includes zero."""
+    doc = compute_results(parse_input(json.loads(STATS.read_text())))
+    comparison = doc["metrics"][0]["comparisons"][0]
+    comparison["relative_ci_lower"] = comparison["relative_ci_upper"] = None
+    page = render_html(doc)
+    assert "<td>unbounded</td>" in page and "class='mark unbounded'" in page
