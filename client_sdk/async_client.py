@@ -75,8 +75,12 @@ class AsyncClient(ClientSurface):
 
     async def resolve(self, flag: str, unit: str, context: Mapping[str, Any] | None = None, *,
                       default: Any = None) -> FlagResult:
-        results = await self.resolve_many([flag], unit, context, defaults={flag_name(flag): default})
-        return results[flag_name(flag)]
+        # A plan exists only once a state arrived, i.e. after the background tasks started.
+        result = self._resolve_planned(flag, unit, context, default)
+        if result is not None:
+            return result
+        name = flag_name(flag)
+        return (await self.resolve_many([flag], unit, context, defaults={name: default}))[name]
 
     async def resolve_many(self, flags: Sequence[str], unit: str, context: Mapping[str, Any] | None = None, *,
                            defaults: Mapping[str, Any] | None = None) -> dict[str, FlagResult]:

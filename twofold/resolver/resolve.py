@@ -196,6 +196,15 @@ class Resolver:
         results = [self._resolve_flag(flag, ctx, client, ev, to_write) for flag in flags]
         return Resolution(results, client, to_write)
 
+    def resolve_flag(self, flag: Flag, ctx: dict, client: Client) -> ResolvedFlag:
+        """One flag, looked up by the caller: active, visible to `client`, needing no stored
+        assignments (not in `state.flags_needing_store`); `ctx` a dict. No I/O.
+
+        Gives exactly what `resolve_pass` gives for that flag, without the per-call lookups a
+        caller that plans per flag once per state (the SDK's local evaluation) already did.
+        """
+        return self._resolve_flag(flag, ctx, client, _Evaluation(self, None), [])
+
     # -- internals ------------------------------------------------------------------------------
 
     def _resolve_flag(self, flag: Flag, ctx: dict, client: Client, ev: _Evaluation,
