@@ -115,8 +115,7 @@ class AsyncClient(ClientSurface):
 
     def apply(self, result: FlagResult) -> None:
         """Log the exposure of `result` now that its value is used (batched, deduplicated)."""
-        self._core.use(result)
-        if self._wake is not None and self._core.should_flush_early():
+        if self._core.use(result) and self._wake is not None:
             self._wake.set()
 
     async def decide(self, flag: str, unit: str, context: Mapping[str, Any] | None = None, *,

@@ -421,7 +421,7 @@ class ClientCore:
         ctx = dict(context) if context else {}
         ctx[TARGETING_KEY] = unit
         try:
-            rf = plan.resolve(ctx)
+            rf = plan.resolve_flag(plan.flag, ctx, plan.client)
         except Exception:
             return None
         self.stats.resolves += 1
@@ -470,10 +470,11 @@ class ClientCore:
 
     # ---- exposure and events ---------------------------------------------------------------
 
-    def use(self, result: FlagResult | None) -> None:
-        """The value of `result` is being used: queue its exposure (deduplicated)."""
-        if result is not None:
-            self.exposures.add(result)
+    def use(self, result: FlagResult | None) -> bool:
+        """The value of `result` is being used: queue its exposure (deduplicated). True when queued
+        and a full batch of exposures is waiting (time to wake the sender)."""
+        exposures = self.exposures
+        return result is not None and exposures.add(result) and exposures._count >= self.options.batch_size
 
     def make_event(self, name: str, unit: str, value: float | None, properties: Mapping[str, Any] | None,
                    time_ns: int | None) -> apb.Event:

@@ -39,13 +39,13 @@ class FlagPlan:
     name: str  # short name, as results carry it
     flag: Any  # twofold.resolver.Flag
     client: Any  # twofold.resolver.Client of this client's secret
-    resolver: Any  # twofold.resolver.Resolver of the state
+    resolve_flag: Callable[[Any, dict, Any], Any]  # the state's Resolver.resolve_flag
     # Full variant name -> (short name, how to make a private copy of its value).
     variants: dict[str, tuple[str | None, Callable[[Any], Any]]]
 
     def resolve(self, context: dict[str, Any]) -> Any:
         """The resolver's ResolvedFlag for this flag (its value shared with the state)."""
-        return self.resolver.resolve_flag(self.flag, context, self.client)
+        return self.resolve_flag(self.flag, context, self.client)
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def plan_flags(resolver: Any, client_secret: str) -> dict[str, FlagPlan]:
         if flag.state != "ACTIVE" or client.name not in flag.clients or qualified in remote:
             continue
         variants = {full: (variant_name(full), _copier(value)) for full, value in flag.variants.items()}
-        plan = FlagPlan(flag_name(qualified), flag, client, resolver, variants)
+        plan = FlagPlan(flag_name(qualified), flag, client, resolver.resolve_flag, variants)
         plans[plan.name] = plans[f"flags/{plan.name}"] = plan
     return plans
 

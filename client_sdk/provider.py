@@ -183,22 +183,27 @@ class TwofoldProvider(AbstractProvider):
                                          error_message=result.error_message, flag_metadata=metadata)
         value: Any = result.value
         for step in path:
+            if type(value) is dict and step in value:  # the usual case, without an ABC check
+                value = value[step]
+                continue
             if not isinstance(value, Mapping) or step not in value:
                 return FlagResolutionDetails(
                     value=default, reason=OFReason.ERROR, error_code=OFErrorCode.FLAG_NOT_FOUND,
                     error_message=f"flag {result.flag!r} has no property {'.'.join(path)!r}",
                     variant=result.variant, flag_metadata=metadata)
             value = value[step]
-        if not _type_ok(value, expected):
+        if not (type(value) is expected and expected is not dict) and not _type_ok(value, expected):
             return FlagResolutionDetails(
                 value=default, reason=OFReason.ERROR, error_code=OFErrorCode.TYPE_MISMATCH,
                 error_message=f"{flag_key!r} is {type(value).__name__}, not {expected.__name__}",
                 variant=result.variant, flag_metadata=metadata)
         apply(result)
+        if type(value) is not expected:
+            value = _coerce(value, expected)
         if result.local and type(value) is not str:
             value = private_copy(value)  # a planned local resolve shares the value with the state
-        return FlagResolutionDetails(value=_coerce(value, expected), reason=_REASONS[result.reason],
-                                     variant=result.variant, flag_metadata=metadata)
+        return FlagResolutionDetails(value=value, reason=_REASONS[result.reason], variant=result.variant,
+                                     flag_metadata=metadata)
 
     def _split(self, flag_key: str) -> tuple[str, list[str]]:
         """(flag, property path) of a flag key, remembered: the same few keys are evaluated again and again."""

@@ -137,8 +137,7 @@ class Client(ClientSurface):
 
     def apply(self, result: FlagResult) -> None:
         """Log the exposure of `result` now that its value is used (batched, deduplicated)."""
-        self._core.use(result)
-        if self._core.should_flush_early():
+        if self._core.use(result):
             self._wake.set()
 
     def decide(self, flag: str, unit: str, context: Mapping[str, Any] | None = None, *,

@@ -15,6 +15,7 @@ experiment's population, so its exposure counts).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -203,7 +204,11 @@ class Resolver:
         Gives exactly what `resolve_pass` gives for that flag, without the per-call lookups a
         caller that plans per flag once per state (the SDK's local evaluation) already did.
         """
-        return self._resolve_flag(flag, ctx, client, _Evaluation(self, None), [])
+        return self._resolve_flag(flag, ctx, client, self._without_store, [])
+
+    @functools.cached_property
+    def _without_store(self) -> _Evaluation:
+        return _Evaluation(self, None)  # holds no per-call state: one serves every `resolve_flag`
 
     # -- internals ------------------------------------------------------------------------------
 
