@@ -7,8 +7,9 @@ JSON command per line on stdin and answers one JSON line on stdout:
 
 - `{"cmd": "values", "n": N}`: the string value served to each of the N check contexts
   (distribution check; not timed);
-- `{"cmd": "round", "round": R, "n": N}`: time N evaluations of round R's contexts (built
-  before the clock starts) and answer µs per evaluation, plus case-specific extras;
+- `{"cmd": "round", "round": R, "n": N, "chunks": C}`: time N evaluations of round R's
+  contexts (built before the clock starts) in C consecutive chunks and answer the fastest
+  chunk's µs per evaluation (and the mean), plus case-specific extras;
 - `{"cmd": "quit"}`.
 
 The contexts are the same for every case: unit `r<R>-user-<i>` (`check-user-<i>` for the
@@ -83,8 +84,10 @@ def twofold_sdk(spec: dict) -> tuple:
         pairs = contexts(f"x{round_no}-", n)
         results = [client.resolve(FLAG, u, {"country": c}) for u, c in pairs]
         results = [r for r in results if r.should_apply]
-        queued = _timed(client.apply, results)
-        again = _timed(client.apply, results)
+        chunk = max(1, len(results) // 5)
+        parts = [results[i:i + chunk] for i in range(0, len(results), chunk)]
+        queued = min(_timed(client.apply, part) for part in parts)  # fastest of five chunks, as above
+        again = min(_timed(client.apply, part) for part in parts)
         t0 = time.perf_counter()
         requests = client._core.exposures.drain(spec["secret"])
         drain = (time.perf_counter() - t0) / max(1, len(results)) * 1e6
@@ -192,7 +195,10 @@ def main() -> None:
             answer: dict = {"values": [evaluate(x) for x in prepare(contexts("check-", command["n"]))]}
         else:
             inputs = prepare(contexts(f"r{command['round']}-", command["n"]))
-            answer = {"us": _timed(evaluate, inputs)}
+            chunk = max(1, len(inputs) // command["chunks"])
+            per_chunk = [_timed(evaluate, inputs[i:i + chunk]) for i in range(0, len(inputs) - chunk + 1, chunk)]
+            # The least disturbed chunk: on a shared machine the others mostly measure the neighbours.
+            answer = {"us": min(per_chunk), "mean_us": sum(per_chunk) / len(per_chunk)}
             if extras is not None:
                 answer.update(extras(command["round"], command["n"]))
         print(json.dumps(answer), flush=True)

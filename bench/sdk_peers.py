@@ -7,7 +7,9 @@ install, so it runs from its own virtual environment (created on first run under
 `build/bench-venvs/`, with the same `openfeature-sdk` version as this environment). Before
 any time counts, every system's values are checked: about 33/33/34 among the SE contexts and
 the default for the others. Then rounds alternate the systems (a noisy neighbour hits all
-alike) and ratios are taken within each round; the medians are printed.
+alike) and ratios are taken within each round; the medians are printed. Within a round each
+system's evaluations are timed in chunks and the fastest chunk counts (as `timeit` advises: on
+a shared machine the slower ones measure the neighbours).
 
 Cases:
 - twofold-core: `twofold.resolver.Resolver.resolve` (the in-process resolver alone);
@@ -142,6 +144,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--evals", type=int, default=20000, help="evaluations per case per round")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds (after one warm-up round)")
+    parser.add_argument("--chunks", type=int, default=5,
+                        help="each round's evaluations are timed in this many chunks; the fastest counts")
     parser.add_argument("--check", type=int, default=12000, help="contexts in the distribution check")
     args = parser.parse_args()
 
@@ -191,7 +195,7 @@ def main() -> None:
         for round_no in range(args.rounds + 1):
             order = labels[round_no % len(labels):] + labels[:round_no % len(labels)]  # rotate positions
             for label in order:
-                answer = workers[label].ask(cmd="round", round=round_no, n=args.evals)
+                answer = workers[label].ask(cmd="round", round=round_no, n=args.evals, chunks=args.chunks)
                 if round_no == 0:
                     continue  # warm-up
                 times[label].append(answer.pop("us"))
@@ -214,7 +218,8 @@ def _paired_diff(times: dict[str, list[float]], a: str, b: str) -> float:
 
 
 def report(times: dict[str, list[float]], extras: dict[str, list[float]], args: argparse.Namespace) -> None:
-    print(f"\n{args.rounds} rounds x {args.evals} evaluations per case, interleaved (µs per evaluation):")
+    print(f"\n{args.rounds} rounds x {args.evals} evaluations per case, interleaved; µs per evaluation, "
+          f"fastest of {args.chunks} chunks per round:")
     print_table([(label, statistics.median(ts), min(ts), max(ts)) for label, ts in times.items()],
                 ("case", "median µs", "min", "max"))
     apply_us = statistics.median(extras["twofold-sdk apply_us"])

@@ -193,11 +193,16 @@ class ExposureQueue:
             self._by_token.clear()
             self._local.clear()
             self._count = 0
-        local = [_local_assignment(*exposure) for exposure in local_exposures]  # outside the lock
-        size = self._options.batch_size
-        for start in range(0, len(local), size):
-            requests.append(apb.ApplyFlagsRequest(client_secret=client_secret, sdk=SDK_NAME,
-                                                  local_assignments=local[start:start + size]))
+        size = self._options.batch_size  # the records are built outside the lock
+        for start in range(0, len(local_exposures), size):
+            request = apb.ApplyFlagsRequest(client_secret=client_secret, sdk=SDK_NAME)
+            add = request.local_assignments.add
+            for flag, unit, variant, rule, assignment_id, resolve_id, apply_ns in local_exposures[start:start + size]:
+                # In place: a record built apart and then copied in costs about twice as much.
+                apply_time = add(flag=f"flags/{flag}", unit=unit, variant=variant, rule=rule,
+                                 assignment_id=assignment_id, resolve_id=resolve_id).apply_time
+                apply_time.seconds, apply_time.nanos = divmod(apply_ns, 1_000_000_000)
+            requests.append(request)
         return requests
 
     def requeue(self, request: apb.ApplyFlagsRequest) -> None:
@@ -215,13 +220,6 @@ class ExposureQueue:
     @staticmethod
     def size_of(request: apb.ApplyFlagsRequest) -> int:
         return len(request.flags) + len(request.local_assignments)
-
-
-def _local_assignment(flag: str, unit: str, variant: str, rule: str, assignment_id: str, resolve_id: str,
-                      apply_ns: int) -> apb.LocalAssignment:
-    return apb.LocalAssignment(flag=f"flags/{flag}", unit=unit, variant=variant, rule=rule,
-                               assignment_id=assignment_id, resolve_id=resolve_id,
-                               apply_time=timestamp_from_ns(apply_ns))
 
 
 class EventQueue:
