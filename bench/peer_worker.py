@@ -133,6 +133,39 @@ def of_constant(spec: dict) -> tuple:
     return evaluate, prepare, None
 
 
+def of_resolver_core(spec: dict) -> tuple:
+    """The floor for any provider over Twofold's resolver: one `resolve_flag` on a flag and client
+    looked up once, the value at `color` returned; no result object, no exposure, no copy."""
+    from openfeature.flag_evaluation import FlagResolutionDetails, Reason
+    from openfeature.provider import AbstractProvider, Metadata
+
+    from twofold.resolver import Resolver, ResolverState
+
+    resolver = Resolver(ResolverState.from_json(open(spec["state"], "rb").read()))
+    flag, client = resolver.state.flags[f"flags/{FLAG}"], resolver.state.clients[spec["secret"]]
+
+    class ResolverCoreProvider(AbstractProvider):
+        def get_metadata(self) -> Metadata:
+            return Metadata(name="resolver-core")
+
+        def resolve_boolean_details(self, flag_key, default_value, evaluation_context=None):
+            return FlagResolutionDetails(value=default_value, reason=Reason.STATIC)
+
+        def resolve_string_details(self, flag_key, default_value, evaluation_context=None):
+            ctx = dict(evaluation_context.attributes)
+            ctx["targeting_key"] = evaluation_context.targeting_key
+            rf = resolver.resolve_flag(flag, ctx, client)
+            if rf.value is None:
+                return FlagResolutionDetails(value=default_value, reason=Reason.DEFAULT)
+            return FlagResolutionDetails(value=rf.value["color"], reason=Reason.TARGETING_MATCH,
+                                         variant=rf.variant)
+
+        resolve_integer_details = resolve_float_details = resolve_object_details = resolve_boolean_details
+
+    evaluate, prepare = _openfeature(ResolverCoreProvider())
+    return evaluate, prepare, None
+
+
 def of_twofold(spec: dict) -> tuple:
     from client_sdk.provider import TwofoldProvider
 
@@ -168,7 +201,8 @@ def growthbook(spec: dict) -> tuple:
 
 
 CASES = {"twofold-core": twofold_core, "twofold-sdk": twofold_sdk, "of-constant": of_constant,
-         "of-twofold": of_twofold, "of-flagd": of_flagd, "growthbook": growthbook}
+         "of-twofold": of_twofold, "of-resolver-core": of_resolver_core, "of-flagd": of_flagd,
+         "growthbook": growthbook}
 
 
 def _versions() -> dict:

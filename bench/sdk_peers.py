@@ -21,6 +21,8 @@ Cases:
   (the SDK's own cost), in both environments;
 - of-twofold: the same over `TwofoldProvider` (local evaluation; each evaluation queues an
   exposure, every unit being new);
+- of-resolver-core: the same over a provider that only calls the resolver core (no result
+  object, no exposure): the floor for any provider over Twofold's resolver;
 - of-flagd: the same over `openfeature-provider-flagd` in in-process file mode (no flagd server).
 
     python -m bench.sdk_peers [--evals 20000] [--rounds 7]
@@ -177,6 +179,7 @@ def main() -> None:
             ("growthbook", "growthbook", growthbook_python, growthbook_python == sys.executable),
             ("of-constant", "of-constant", sys.executable, True),
             ("of-twofold", "of-twofold", sys.executable, True),
+            ("of-resolver-core", "of-resolver-core", sys.executable, True),
             ("of-constant (flagd venv)", "of-constant", flagd_python, False),
             ("of-flagd", "of-flagd", flagd_python, False)]
     workers: dict[str, Worker] = {}
@@ -235,6 +238,10 @@ def report(times: dict[str, list[float]], extras: dict[str, list[float]], args: 
          f"{_paired(times, 'of-twofold', 'of-flagd'):.2f}x", "<= 0.8x"),
         ("OpenFeature: Twofold - constant provider (SDK's own cost)",
          f"{_paired_diff(times, 'of-twofold', 'of-constant'):+.1f} µs", "<= +10 µs"),
+        ("  floor: a provider calling only the resolver core - constant",
+         f"{_paired_diff(times, 'of-resolver-core', 'of-constant'):+.1f} µs", ""),
+        ("  Twofold provider - that floor (result, exposure, metadata)",
+         f"{_paired_diff(times, 'of-twofold', 'of-resolver-core'):+.1f} µs", ""),
         ("OpenFeature: flagd - constant provider (flagd venv)",
          f"{_paired_diff(times, 'of-flagd', 'of-constant (flagd venv)'):+.1f} µs", ""),
         ("GrowthBook / resolver core", f"{_paired(times, 'growthbook', 'twofold-core'):.2f}x", ""),

@@ -423,10 +423,13 @@ class ClientCore:
         except Exception:
             return None
         self.stats.resolves += 1
-        reason = _LOCAL_REASONS[rf.reason]
         error_code = error_message = None
-        if reason is Reason.TARGETING_KEY_ERROR or reason is Reason.ERROR:
-            error_code, error_message = _LOCAL_ERRORS[reason]
+        if rf.reason == "RESOLVE_REASON_MATCH":  # str comparison: an Enum's hash runs in Python
+            reason = Reason.MATCH
+        else:
+            reason = _LOCAL_REASONS[rf.reason]
+            if reason is Reason.TARGETING_KEY_ERROR or reason is Reason.ERROR:
+                error_code, error_message = _LOCAL_ERRORS[reason]
         value = rf.value
         short = None
         if rf.variant:
@@ -441,8 +444,9 @@ class ClientCore:
         result = local_flag_result(plan.name, unit, value, short, reason, error_code, error_message, rf.rule,
                                    rf.segment, rf.assignment_id, self.new_resolve_id(), rf.should_apply)
         if short is not None and reason is Reason.MATCH:
+            last_known = self._last_known
             with self._last_known_lock:
-                self._last_known.put((plan.name, unit), result)
+                last_known.put((plan.name, unit), result)
         return result
 
     def resolve_locally(self, local: LocalState, flags: Sequence[str], unit: str,

@@ -202,8 +202,8 @@ class TwofoldProvider(AbstractProvider):
             value = _coerce(value, expected)
         if result.local and type(value) is not str:
             value = private_copy(value)  # a planned local resolve shares the value with the state
-        return FlagResolutionDetails(value=value, reason=_REASONS[result.reason], variant=result.variant,
-                                     flag_metadata=metadata)
+        reason = OFReason.TARGETING_MATCH if result.reason is Reason.MATCH else _REASONS[result.reason]
+        return FlagResolutionDetails(value=value, reason=reason, variant=result.variant, flag_metadata=metadata)
 
     def _split(self, flag_key: str) -> tuple[str, list[str]]:
         """(flag, property path) of a flag key, remembered: the same few keys are evaluated again and again."""
