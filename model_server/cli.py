@@ -210,6 +210,9 @@ def _read_table(path: str) -> Any:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
+    if not Path(path).exists():
+        raise ValueError(f"--data {path}: no such file or folder (`twofold example data --out DIR` writes "
+                         "example training data to DIR/users.parquet)")
     if path.endswith(".parquet") or Path(path).is_dir():
         return pq.read_table(path)
     if path.endswith(".csv"):
