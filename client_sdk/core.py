@@ -25,7 +25,7 @@ import grpc
 
 from client_sdk.convert import now_timestamp, python_to_struct, struct_to_python, timestamp_from_ns
 from client_sdk.errors import TwofoldError
-from client_sdk.local import LocalState, private_copy
+from client_sdk.local import LocalState
 from client_sdk.names import flag_name, variant_name
 from client_sdk.options import ClientOptions
 from client_sdk.results import Decision, ErrorCode, FlagResult, Reason, local_flag_result
@@ -373,7 +373,10 @@ class ClientCore:
                             error_code=error_code, error_message=error_message, rule=rule, segment=segment,
                             assignment_id=assignment_id, resolve_id=resolve_id, should_apply=should_apply,
                             local=local, resolve_token=token)
-        if result.variant is not None and reason is Reason.MATCH:
+        # Kept to serve STALE when a later ResolveFlags fails. Local answers are not: they need no
+        # server, and holding up to `stale_cache_entries` results for them cost every local
+        # resolve more than the resolve itself (memory traffic and garbage-collector scans).
+        if not local and result.variant is not None and reason is Reason.MATCH:
             with self._last_known_lock:
                 self._last_known.put((name, unit), result)
         return result
@@ -411,10 +414,8 @@ class ClientCore:
                 self.stats.stale_served += 1
                 # The exposure is still worth logging: the value is used, and the server
                 # deduplicates it if it saw it before.
-                # A local result may share its value with the state (see `resolve_planned`).
-                value = private_copy(last.value) if last.local else last.value
                 out[name] = FlagResult(
-                    flag=name, unit=unit, value=value, variant=last.variant, reason=Reason.STALE,
+                    flag=name, unit=unit, value=last.value, variant=last.variant, reason=Reason.STALE,
                     error_code=code, error_message=message, rule=last.rule, segment=last.segment,
                     assignment_id=last.assignment_id, resolve_id=last.resolve_id,
                     should_apply=last.should_apply, local=last.local, resolve_token=last.resolve_token)
@@ -482,11 +483,7 @@ class ClientCore:
             value = copy(value)
         result = local_flag_result(plan.name, unit, value, short, reason, error_code, error_message, rf.rule,
                                    rf.segment, rf.assignment_id, self.new_resolve_id(), rf.should_apply)
-        if short is not None and reason is Reason.MATCH:
-            last_known = self._last_known
-            with self._last_known_lock:
-                last_known.put((plan.name, unit), result)
-        return result
+        return result  # not kept for STALE: see `_result`
 
     def resolve_locally(self, local: LocalState, flags: Sequence[str], unit: str,
                         context: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> dict[str, FlagResult]:

@@ -233,3 +233,20 @@ def test_requeued_local_exposures_keep_their_fields(tmp_path: Path) -> None:
     assert (la.apply_time.seconds, la.apply_time.nanos) == (1_700_000_000, 123_456_789)
     assert (la.unit, la.variant, la.assignment_id, la.resolve_id) == \
         ("u1", result.variant, result.assignment_id, result.resolve_id)
+
+
+def test_local_answers_stay_out_of_the_stale_cache(tmp_path: Path) -> None:
+    """The stale cache serves failed ResolveFlags calls; local answers need no server, and keeping
+    up to 100k of them made every local resolve slower than the resolver itself (issue 18)."""
+    local = _loaded(tmp_path)
+    core = ClientCore(SECRET, ClientOptions(flush_at_exit=False))
+    for i in range(50):
+        assert core.resolve_planned(local, "checkout", f"u{i}", {"country": "SE"}, None) is not None
+        core.resolve_locally(local, ["checkout", "banner"], f"u{i}", {"country": "SE", "platform": "web"}, {})
+    assert len(core._last_known) == 0
+    response = apb.ResolveFlagsResponse(resolve_id="r1", resolve_token=b"t", resolved_flags=[apb.ResolvedFlag(
+        flag="flags/checkout", variant="flags/checkout/variants/red", reason=apb.RESOLVE_REASON_MATCH,
+        should_apply=True)])
+    response.resolved_flags[0].value.update({"color": "red"})
+    assert core.resolved(response, "u1", ["checkout"], {})["checkout"].variant == "red"
+    assert len(core._last_known) == 1  # a remote answer is kept for STALE, as before
