@@ -20,7 +20,6 @@ from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
-from google.protobuf.message import DecodeError, Message
 from prometheus_client import Counter
 
 from assignment_server.state_source import Served, StateSource
@@ -91,45 +90,9 @@ class RecentIds:
             self._previous.discard(item)
 
 
-class _Undecodable:
-    """Stands in for a request whose bytes are not the expected protobuf message."""
-
-
-UNDECODABLE: Any = _Undecodable()
-
-
-def _tolerant(message: type[Message]) -> Any:
-    def parse(data: bytes) -> Any:
-        try:
-            return message.FromString(data)
-        except DecodeError:
-            return UNDECODABLE
-    return parse
-
-
 def add_to_server(servicer: FlagResolverServicer, server: Any) -> None:
-    """Register like the generated function, but an undecodable request becomes INVALID_ARGUMENT.
-
-    (With the generated deserializers gRPC answers such a request with UNKNOWN.)
-    """
-    def unary(method: Any, req: type[Message], resp: type[Message]) -> grpc.RpcMethodHandler:
-        return grpc.unary_unary_rpc_method_handler(method, request_deserializer=_tolerant(req),
-                                                   response_serializer=resp.SerializeToString)
-    handlers = {
-        "ResolveFlags": unary(servicer.ResolveFlags, pb.ResolveFlagsRequest, pb.ResolveFlagsResponse),
-        "ApplyFlags": unary(servicer.ApplyFlags, pb.ApplyFlagsRequest, pb.ApplyFlagsResponse),
-        "TrackEvents": unary(servicer.TrackEvents, pb.TrackEventsRequest, pb.TrackEventsResponse),
-        "WatchState": grpc.unary_stream_rpc_method_handler(
-            servicer.WatchState, request_deserializer=_tolerant(pb.WatchStateRequest),
-            response_serializer=pb.StateSnapshot.SerializeToString),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
-
-
-async def _reject_undecodable(request: Any, context: grpc.aio.ServicerContext) -> None:
-    if request is UNDECODABLE:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid protobuf message")
+    """Register the servicer (undecodable requests are answered INVALID_ARGUMENT by `twofold.guard`)."""
+    pb_grpc.add_FlagResolverServiceServicer_to_server(servicer, server)
 
 
 def normalize_flag(name: str) -> str:
@@ -242,7 +205,6 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
 
     async def ResolveFlags(self, request: pb.ResolveFlagsRequest,
                            context: grpc.aio.ServicerContext) -> pb.ResolveFlagsResponse:
-        await _reject_undecodable(request, context)
         if len(request.flags) > MAX_FLAGS_PER_RESOLVE:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"at most {MAX_FLAGS_PER_RESOLVE} flags per request, got {len(request.flags)}")
@@ -296,7 +258,6 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
 
     async def ApplyFlags(self, request: pb.ApplyFlagsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ApplyFlagsResponse:
-        await _reject_undecodable(request, context)
         receive = int(time.time() * 1_000_000)
         served = self._served()
         client = await self._client(served, request.client_secret, context)
@@ -357,7 +318,6 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
 
     async def TrackEvents(self, request: pb.TrackEventsRequest,
                           context: grpc.aio.ServicerContext) -> pb.TrackEventsResponse:
-        await _reject_undecodable(request, context)
         receive = int(time.time() * 1_000_000)
         served = self._served()
         await self._client(served, request.client_secret, context)
@@ -430,7 +390,6 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
 
     async def WatchState(self, request: pb.WatchStateRequest,
                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StateSnapshot]:
-        await _reject_undecodable(request, context)
         served = self._served()
         client = await self._client(served, request.client_secret, context)
         if served.generation != request.known_generation:
