@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from twofold.guard import CallGuard, GuardingRegistrar, wait_until_drained
 from twofold.metrics import serve_metrics
+from twofold.ports import PortInUseError
 from twofold.settings import EVENT_LOOPS, ServerSettings, TlsSettings
 from twofold.watched_files import WatchedFiles, load_secrets
 
@@ -40,10 +41,6 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Longest wait for received-but-undispatched calls to be answered UNAVAILABLE on shutdown.
 MAX_DRAIN_SECONDS = 2.0
-
-
-class PortInUseError(OSError):
-    """A port the server must bind is taken: the message is the one line to show the operator."""
 
 
 @dataclass(frozen=True)
