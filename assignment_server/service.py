@@ -38,6 +38,7 @@ from twofold.resolver import (
     TooManyFlagsError,
 )
 from twofold.resolver.state import Client
+from twofold.resolver.verify import assignment_problem
 from twofold.structs import struct_to_dict
 
 log = logging.getLogger("twofold.assignment")
@@ -47,6 +48,9 @@ MAX_EVENTS_PER_CALL = 10_000
 MAX_APPLIES_PER_CALL = 10_000
 MAX_ID_LENGTH = 256
 WATCH_HEARTBEAT_SECONDS = 30.0
+# A resolve token older than this is refused by ApplyFlags: an exposure logged hours after the
+# decision would land outside the analysis window it belongs to, and a leaked token stops working.
+DEFAULT_TOKEN_MAX_AGE_SECONDS = 3600.0
 
 RESOLVES = loop_metrics.counter("twofold_assignment_resolves", "Resolved flags.", ["flag", "variant", "reason"])
 APPLIES = Counter("twofold_assignment_applies", "Exposures received.", ["result"])
@@ -95,14 +99,38 @@ def add_to_server(servicer: FlagResolverServicer, server: Any) -> None:
     pb_grpc.add_FlagResolverServiceServicer_to_server(servicer, server)
 
 
+def non_finite_field(value: Any, path: str = "") -> str | None:
+    """The path of the first NaN or infinite number in a context (a Struct holds doubles), or None.
+
+    Targeting compares numbers as numbers and as their text; NaN equals nothing and `inf` would
+    be compared as the string "inf", so such a value is refused rather than silently mismatched.
+    """
+    t = type(value)
+    if t is float:
+        return path if value - value != 0.0 else None  # NaN and ±inf: x - x is NaN
+    if t is dict:
+        for key, item in value.items():
+            found = non_finite_field(item, f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+    elif t is list:
+        for i, item in enumerate(value):
+            found = non_finite_field(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
 def normalize_flag(name: str) -> str:
     return name if name.startswith("flags/") else f"flags/{name}"
 
 
 class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
     def __init__(self, source: StateSource, exposures: LakeWriter, events: LakeWriter, tokens: TokenCodec,
-                 materializations: MaterializationStore | None) -> None:
+                 materializations: MaterializationStore | None,
+                 token_max_age: float = DEFAULT_TOKEN_MAX_AGE_SECONDS) -> None:
         self.source = source
+        self.token_max_age = token_max_age
         self.exposures = exposures
         self.events = events
         self.tokens = tokens
@@ -217,6 +245,10 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"unknown flag(s) for this client: {', '.join(sorted(set(missing))[:20])}")
         ctx = struct_to_dict(request.evaluation_context)
+        bad = non_finite_field(ctx)
+        if bad is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"evaluation_context.{bad} is not a finite number (NaN and infinity match nothing)")
         try:
             resolution = self._resolver(served).resolve_request(names, ctx, request.client_secret)
         except TooManyFlagsError as exc:
@@ -280,6 +312,12 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             if token.client != client.name:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, "resolve token belongs to another client")
+            age = receive / 1_000_000 - token.issued_at
+            if age > self.token_max_age:
+                APPLIES.labels("expired_token").inc(len(request.flags))
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"resolve token expired: issued {age:.0f} s ago, tokens are valid for "
+                                    f"{self.token_max_age:.0f} s (--token-max-age-seconds); resolve again")
             for applied in request.flags:
                 name = normalize_flag(applied.flag)
                 if name not in token.assignments:
@@ -291,6 +329,7 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
                 records.extend(self._exposure(token.resolve_id, name, a, client.name, ts)
                                for a in token.assignments[name])
         state = served.state
+        refused, refusal = 0, ""
         for la in request.local_assignments:
             name = normalize_flag(la.flag)
             flag = state.flags.get(name)
@@ -308,11 +347,22 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
             if problem:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
             variant = la.variant if (not la.variant or la.variant in flag.variants) else f"{name}/variants/{la.variant}"
+            # Well-formed, but would this server have assigned it to this client? (trust nothing)
+            wrong = assignment_problem(state, client, name, la.rule, la.unit, variant, la.assignment_id,
+                                       self.materializations)
+            if wrong is not None:
+                refused += 1
+                refusal = refusal or f"local assignment of {name} for unit {la.unit}: {wrong}"
+                continue
             records.append(self._exposure(la.resolve_id, name, TokenAssignment(la.unit, la.rule, "", variant,
                                                                                la.assignment_id),
                                           client.name, corrected(la.apply_time)))
+        if refused:
+            APPLIES.labels("refused").inc(refused)
+            log.warning("local assignments refused", extra={"fields": {
+                "client": client.name, "refused": refused, "first": refusal}})
         accepted, duplicates = await self._write_exposures(records, context)
-        return pb.ApplyFlagsResponse(accepted=accepted, duplicates=duplicates)
+        return pb.ApplyFlagsResponse(accepted=accepted, duplicates=duplicates, refused=refused, refusal=refusal)
 
     # -- TrackEvents ----------------------------------------------------------------------------
 

@@ -113,12 +113,16 @@ class ApplyFlagsRequest(_message.Message):
     def __init__(self, flags: _Optional[_Iterable[_Union[AppliedFlag, _Mapping]]] = ..., client_secret: _Optional[str] = ..., resolve_token: _Optional[bytes] = ..., send_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., local_assignments: _Optional[_Iterable[_Union[LocalAssignment, _Mapping]]] = ..., sdk: _Optional[str] = ...) -> None: ...
 
 class ApplyFlagsResponse(_message.Message):
-    __slots__ = ("accepted", "duplicates")
+    __slots__ = ("accepted", "duplicates", "refused", "refusal")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     duplicates: int
-    def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
+    refused: int
+    refusal: str
+    def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ..., refused: _Optional[int] = ..., refusal: _Optional[str] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("event_id", "unit", "name", "value", "time", "properties")
@@ -147,12 +151,16 @@ class TrackEventsRequest(_message.Message):
     def __init__(self, client_secret: _Optional[str] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., send_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class TrackEventsResponse(_message.Message):
-    __slots__ = ("accepted", "duplicates")
+    __slots__ = ("accepted", "duplicates", "refused", "refusal")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     duplicates: int
-    def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
+    refused: int
+    refusal: str
+    def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ..., refused: _Optional[int] = ..., refusal: _Optional[str] = ...) -> None: ...
 
 class WatchStateRequest(_message.Message):
     __slots__ = ("client_secret", "known_generation")
