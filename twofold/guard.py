@@ -108,20 +108,29 @@ def _guarded(guard: CallGuard, service: str, method: str, handler: grpc.RpcMetho
     # limit like any call but does not hold a slot, or a few watchers would starve every call.
     holds_slot = not handler.response_streaming
 
-    async def admit(context: grpc.aio.ServicerContext) -> bool:
-        """Refuse the call (abort) or count it in flight; True when it was counted."""
+    busy = f"server busy: {guard.max_concurrent_rpcs} calls in flight (--max-concurrent-rpcs); retry with backoff"
+
+    def refused(context: grpc.aio.ServicerContext) -> bool:
+        """True when the call is refused (its status set); otherwise counted in flight if it holds a slot.
+
+        A refusal sets the status and returns rather than aborting: no exception to raise and
+        catch, so refusing costs less than any answer (it is what an overloaded server does most).
+        """
         if exempt:
             return False
         guard.dispatched += 1
         if guard.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another replica")
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details("server is shutting down; retry on another replica")
+            return True
         limit = guard.max_concurrent_rpcs
         if limit is not None and guard.in_flight >= limit:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"server busy: {limit} calls in flight (--max-concurrent-rpcs); retry with backoff")
+            context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            context.set_details(busy)
+            return True
         if holds_slot:
             guard.in_flight += 1
-        return holds_slot
+        return False
 
     async def check(context: grpc.aio.ServicerContext) -> None:
         remaining = context.time_remaining()
@@ -156,7 +165,9 @@ def _guarded(guard: CallGuard, service: str, method: str, handler: grpc.RpcMetho
             error: BaseException | None = None
             counted = False
             try:
-                counted = await admit(context)
+                if refused(context):
+                    return
+                counted = holds_slot and not exempt
                 await check(context)
                 request = decoded_stream(request, context) if streaming_request else await decode(request, context)
                 async for item in behavior(request, context):
@@ -175,7 +186,9 @@ def _guarded(guard: CallGuard, service: str, method: str, handler: grpc.RpcMetho
             error: BaseException | None = None
             counted = False
             try:
-                counted = await admit(context)
+                if refused(context):
+                    return None
+                counted = holds_slot and not exempt
                 await check(context)
                 request = decoded_stream(request, context) if streaming_request else await decode(request, context)
                 return await behavior(request, context)

@@ -31,8 +31,9 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 
 async def _caller(call: grpc.aio.UnaryUnaryMultiCallable, request: bytes, until: float, deadline: float,
-                  metadata: tuple, results: dict[str, list[float]]) -> None:
-    while time.perf_counter() < until:
+                  metadata: tuple, results: dict[str, list[float]], stop_on: frozenset[str]) -> None:
+    code = ""
+    while time.perf_counter() < until and code not in stop_on:
         t0 = time.perf_counter()
         try:
             await call(request, timeout=deadline, metadata=metadata)
@@ -68,7 +69,9 @@ async def run(args: argparse.Namespace, request: bytes) -> dict:
         await channel.channel_ready()
     calls = [c.unary_unary(args.method, request_serializer=None, response_deserializer=None) for c in channels]
     until = time.perf_counter() + args.seconds
-    tasks = [asyncio.create_task(_caller(calls[i % len(calls)], request, until, args.timeout, metadata, results))
+    stop_on = frozenset(args.stop_on)
+    tasks = [asyncio.create_task(_caller(calls[i % len(calls)], request, until, args.timeout, metadata, results,
+                                         stop_on))
              for i in range(args.concurrency)]
     if args.probe_every > 0:
         tasks.append(asyncio.create_task(_prober(args.target, until, args.probe_every, probes)))
@@ -91,6 +94,8 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument("--stop-on", nargs="*", default=[],
+                        help="status codes after which a caller stops (as a client failing over would)")
     parser.add_argument("--probe-every", type=float, default=0.1)
     args = parser.parse_args()
     try:
