@@ -24,13 +24,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from protos.twofold.echo.v1 import echo_pb2, echo_pb2_grpc
 from tests.tls_certs import issue, make_ca
 from twofold import echo
-from twofold.guard import SECRET_METADATA_KEY
 from twofold.server import RunningServer, start_server
 from twofold.settings import ServerSettings, TlsSettings
 from twofold.testing import BackgroundLoop
 
 ROOT = Path(__file__).resolve().parent.parent
 HEALTH = "/grpc.health.v1.Health/Check"
+SECRET_METADATA_KEY = "x-twofold-client-secret"  # the documented metadata key (twofold.guard)
 REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 
 
