@@ -8,6 +8,7 @@ that writes is acknowledged only after the lake writer fsynced its records.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import itertools
@@ -48,6 +49,10 @@ MAX_EVENTS_PER_CALL = 10_000
 MAX_APPLIES_PER_CALL = 10_000
 MAX_ID_LENGTH = 256
 WATCH_HEARTBEAT_SECONDS = 30.0
+# Large batches hand the event loop back every this many records (~1 ms of work), so a 10,000-event
+# call does not hold it for tens of milliseconds: other calls (refusals and probes included) are
+# dispatched once per loop turn, and a long turn delays every one of them.
+YIELD_EVERY = 500
 # A resolve token older than this is refused by ApplyFlags: an exposure logged hours after the
 # decision would land outside the analysis window it belongs to, and a leaked token stops working.
 DEFAULT_TOKEN_MAX_AGE_SECONDS = 3600.0
@@ -330,7 +335,9 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
                                for a in token.assignments[name])
         state = served.state
         refused, refusal = 0, ""
-        for la in request.local_assignments:
+        for n, la in enumerate(request.local_assignments):
+            if n % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)
             name = normalize_flag(la.flag)
             flag = state.flags.get(name)
             problem = None
@@ -377,6 +384,8 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
         send = _micros(request.send_time) if request.HasField("send_time") else None
         records, batch_ids, duplicates = [], set(), 0
         for i, e in enumerate(request.events):
+            if i % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)
             for field_name in ("event_id", "unit", "name"):
                 text = getattr(e, field_name)
                 if not text or len(text) > MAX_ID_LENGTH:
@@ -384,7 +393,7 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
                                         f"event {i}: {field_name} must be 1..{MAX_ID_LENGTH} characters")
             if e.HasField("value") and (e.value != e.value or abs(e.value) == float("inf")):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"event {i}: value must be finite")
-            if e.event_id in self._seen_events or e.event_id in batch_ids:
+            if e.event_id in batch_ids:
                 duplicates += 1
                 continue
             batch_ids.add(e.event_id)
@@ -396,6 +405,13 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
                             "value": e.value if e.HasField("value") else None,
                             "properties": json.dumps(struct_to_dict(e.properties), sort_keys=True,
                                                      separators=(",", ":"))})
+        # Against ids already seen only now, with no await since: a concurrent retry of the same
+        # batch (the loop above may yield) is then a duplicate, never written twice.
+        seen = self._seen_events
+        fresh = [r for r in records if r["event_id"] not in seen]
+        duplicates += len(records) - len(fresh)
+        records = fresh
+        batch_ids = {r["event_id"] for r in records}
         if records:
             for eid in batch_ids:
                 self._seen_events.add(eid)
