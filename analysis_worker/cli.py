@@ -148,6 +148,12 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from analysis_worker.service import AnalysisWorker, registration
 
+    missing = [p for p in args.experiments if not Path(p).exists()]
+    if missing:
+        _err(f"--experiments {' '.join(missing)}: no such file or folder (experiment YAML files or folders "
+             "of them; examples/experiments/ holds one)")
+        return 2
+
     async def setup(_settings: ServerSettings) -> ServiceSetup:
         worker = AnalysisWorker(args.experiments, args.lake, every_seconds=args.every, out_dir=args.out,
                                 threads=args.threads, memory_limit=args.memory_limit)

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from analysis_worker.inputs import CORRECTIONS, DIRECTIONS, MEAN_TESTS, ROLES, SEQUENTIAL_METHODS
+from twofold.yaml_errors import yaml_error_line
 
 AGGREGATES = ("sum", "count")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
@@ -366,7 +367,7 @@ def load_experiment(source: str | Path | Mapping[str, Any]) -> ExperimentConfig:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        raise ConfigError(yaml_error_line(path, exc)) from exc
     try:
         return parse_experiment(raw, source=str(path))
     except ConfigError as exc:

@@ -32,6 +32,7 @@ from analysis_worker.config import ConfigError, ExperimentConfig, load_experimen
 from analysis_worker.inputs import InputError, parse_input
 from protos.twofold.analysis.v1 import analysis_pb2, analysis_pb2_grpc
 from twofold import waiting
+from twofold.metrics import declare
 from twofold.server import ServiceRegistration
 
 log = logging.getLogger("twofold.analysis")
@@ -126,6 +127,7 @@ class AnalysisWorker:
                 self.experiments.pop(previous, None)
             state = self.experiments.setdefault(config.name, ExperimentState(name=config.name, source=source))
             state.config = config
+            declare(FAILURES, config.name)
             state.source = source
             state.definition_error = ""
             self._by_source[source] = config.name

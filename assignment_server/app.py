@@ -8,6 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from assignment_server.materializations import StickyStore
 from assignment_server.service import (
     DEFAULT_TOKEN_MAX_AGE_SECONDS,
     SERVICE_NAME,
@@ -17,18 +18,24 @@ from assignment_server.service import (
 from assignment_server.state_source import StateSource
 from assignment_server.tokens import TokenCodec, load_key
 from twofold.lake import LakeWriter
-from twofold.resolver import InMemoryMaterializations, MaterializationStore, SqliteMaterializations
+from twofold.resolver import open_store
 from twofold.server import RunningServer, ServiceRegistration, ServiceSetup
 from twofold.settings import ServerSettings
 
 log = logging.getLogger("twofold.assignment")
 
 
-def open_materializations(spec: str | None, lake: str) -> MaterializationStore:
-    if spec == "memory":
-        return InMemoryMaterializations()
-    path = Path(spec) if spec else Path(lake).resolve().parent / "materializations.sqlite"
-    return SqliteMaterializations(path)
+def open_materializations(args: argparse.Namespace) -> StickyStore:
+    """The sticky-assignment store `--materializations` names (default: SQLite beside the lake)."""
+    spec = getattr(args, "materializations", None) or str(Path(args.lake).resolve().parent / "materializations.sqlite")
+    store = open_store(spec, timeout=getattr(args, "materializations_timeout", None))
+    return StickyStore(store, timeout=getattr(args, "materializations_timeout", None),
+                       cache_size=getattr(args, "materializations_cache", 100_000))
+
+
+def served_allocations_path(spec: str | None, lake: str) -> Path:
+    """Where the server records the allocation it serves (default: beside the lake)."""
+    return Path(spec) if spec else Path(lake).resolve().parent / "served-allocations.json"
 
 
 def warm_lake_encoding() -> None:
@@ -59,7 +66,8 @@ def build_setup(args: argparse.Namespace) -> Callable[[ServerSettings], Awaitabl
     """The `setup` for `twofold.server.run_service` (also used by tests with a Namespace)."""
 
     async def setup(settings: ServerSettings) -> ServiceSetup:
-        source = StateSource(args.flags, poll_interval=args.reload_interval)
+        source = StateSource(args.flags, poll_interval=args.reload_interval,
+                             served_lock=served_allocations_path(getattr(args, "served_allocations", None), args.lake))
         served = source.load_initial()
         key, origin = load_key(getattr(args, "token_key", None), getattr(args, "token_key_file", None))
         if origin == "generated at startup":
@@ -70,13 +78,13 @@ def build_setup(args: argparse.Namespace) -> Callable[[ServerSettings], Awaitabl
         await exposures.start()
         await events.start()
         await asyncio.to_thread(warm_lake_encoding)
-        store = open_materializations(getattr(args, "materializations", None), args.lake)
+        store = open_materializations(args)
         servicer = FlagResolverServicer(source, exposures, events, TokenCodec(key), store,
                                         token_max_age=getattr(args, "token_max_age_seconds", None)
                                         or DEFAULT_TOKEN_MAX_AGE_SECONDS)
         log.info("assignment server ready", extra={"fields": {
             "flags": str(args.flags), "lake": str(args.lake), "generation": served.generation,
-            "token_key": origin}})
+            "token_key": origin, "materializations": store.store.describe()}})
 
         async def on_started(_running: RunningServer) -> None:
             source.start()
@@ -85,9 +93,7 @@ def build_setup(args: argparse.Namespace) -> Callable[[ServerSettings], Awaitabl
             await source.stop()
             await exposures.close()
             await events.close()
-            close = getattr(store, "close", None)
-            if close is not None:
-                close()
+            store.close()
 
         return ServiceSetup(
             services=[ServiceRegistration(SERVICE_NAME, servicer, add_to_server)],

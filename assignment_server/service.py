@@ -23,6 +23,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 from prometheus_client import Counter
 
+from assignment_server.materializations import StickyStore
 from assignment_server.state_source import Served, StateSource
 from assignment_server.tokens import InvalidTokenError, TokenAssignment, TokenCodec, new_token
 from protos.twofold.assignment.v1 import assignment_pb2 as pb
@@ -32,7 +33,6 @@ from twofold.lake import LakeWriter
 from twofold.resolver import (
     MAX_FLAGS_PER_RESOLVE,
     STATE_MEDIA_TYPE,
-    MaterializationStore,
     Reason,
     ResolvedFlag,
     Resolver,
@@ -67,6 +67,13 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 def _micros(ts: timestamp_pb2.Timestamp) -> int:
     return ts.seconds * 1_000_000 + ts.nanos // 1000
+
+
+def _now_timestamp() -> timestamp_pb2.Timestamp:
+    """The server clock now, for the responses a client learns its clock offset from."""
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(time.time_ns())
+    return stamp
 
 
 def _exposure_id(*parts: str) -> str:
@@ -132,7 +139,7 @@ def normalize_flag(name: str) -> str:
 
 class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
     def __init__(self, source: StateSource, exposures: LakeWriter, events: LakeWriter, tokens: TokenCodec,
-                 materializations: MaterializationStore | None,
+                 materializations: StickyStore | None,
                  token_max_age: float = DEFAULT_TOKEN_MAX_AGE_SECONDS) -> None:
         self.source = source
         self.token_max_age = token_max_age
@@ -171,7 +178,7 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
         """Drop caches built for an older state (their values belong to it)."""
         if served.generation != self._cache_generation:
             self._messages = {}
-            self._resolver_cache = Resolver(served.state, self.materializations)
+            self._resolver_cache = Resolver(served.state)
             self._cache_generation = served.generation
 
     def _resolver(self, served: Served) -> Resolver:
@@ -255,7 +262,12 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"evaluation_context.{bad} is not a finite number (NaN and infinity match nothing)")
         try:
-            resolution = self._resolver(served).resolve_request(names, ctx, request.client_secret)
+            resolver = self._resolver(served)
+            if self.materializations is None:
+                resolution = resolver.resolve_request(names, ctx, request.client_secret)
+            else:  # reads and writes stored assignments off the loop, within the call's deadline
+                resolution = await self.materializations.resolve(resolver, names, ctx, request.client_secret,
+                                                                 context.time_remaining())
         except TooManyFlagsError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         results = resolution.flags
@@ -302,10 +314,16 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_APPLIES_PER_CALL} exposures per call")
         if (request.flags or request.local_assignments) and not request.HasField("send_time"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send_time is required (clock skew correction)")
-        send = _micros(request.send_time)
+        # receive - send is an upper bound of (server clock - client clock): it includes the transit
+        # and any queueing. Events are stamped with it (never earlier than they happened); exposures
+        # with the client's lower bound when it sends one (never later than they happened), so an
+        # event tracked after an exposure is never ordered before it, whatever each call's delay.
+        offset = receive - _micros(request.send_time)
+        if request.HasField("clock_offset_micros"):
+            offset = min(offset, request.clock_offset_micros)
 
         def corrected(apply_time: timestamp_pb2.Timestamp) -> int:
-            return min(receive, receive - (send - _micros(apply_time)))
+            return min(receive, _micros(apply_time) + offset)
 
         records: list[dict[str, Any]] = []
         if request.flags:
@@ -355,8 +373,7 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
             variant = la.variant if (not la.variant or la.variant in flag.variants) else f"{name}/variants/{la.variant}"
             # Well-formed, but would this server have assigned it to this client? (trust nothing)
-            wrong = assignment_problem(state, client, name, la.rule, la.unit, variant, la.assignment_id,
-                                       self.materializations)
+            wrong = assignment_problem(state, client, name, la.rule, la.unit, variant, la.assignment_id)
             if wrong is not None:
                 refused += 1
                 refusal = refusal or f"local assignment of {name} for unit {la.unit}: {wrong}"
@@ -369,7 +386,8 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
             log.warning("local assignments refused", extra={"fields": {
                 "client": client.name, "refused": refused, "first": refusal}})
         accepted, duplicates = await self._write_exposures(records, context)
-        return pb.ApplyFlagsResponse(accepted=accepted, duplicates=duplicates, refused=refused, refusal=refusal)
+        return pb.ApplyFlagsResponse(accepted=accepted, duplicates=duplicates, refused=refused, refusal=refusal,
+                                     server_time=_now_timestamp())
 
     # -- TrackEvents ----------------------------------------------------------------------------
 
@@ -422,7 +440,7 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
                 raise
         EVENTS.labels("accepted").inc(len(records))
         EVENTS.labels("duplicate").inc(duplicates)
-        return pb.TrackEventsResponse(accepted=len(records), duplicates=duplicates)
+        return pb.TrackEventsResponse(accepted=len(records), duplicates=duplicates, server_time=_now_timestamp())
 
     # -- WatchState -----------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from model_server.manifest import MANIFEST_FILE, MODEL_FILE, ManifestError, read
 from model_server.metrics import LOAD_FAILURES, LOADED_VERSIONS
 from model_server.runtime import LoadedModel
 from model_server.version_policy import VersionPolicy
+from twofold.metrics import declare
 
 log = logging.getLogger("twofold.model.repository")
 
@@ -124,6 +125,7 @@ class ModelRepository:
     def _scan_model(self, model_dir: Path, current: ServedModel | None) -> ServedModel | None:
         """Decide (in a worker thread) which versions of one model to serve, loading new ones."""
         name = model_dir.name
+        declare(LOAD_FAILURES, name)
         policy = self._policy_for(model_dir)
         on_disk = sorted((int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()
                           and int(p.name) > 0), reverse=True)

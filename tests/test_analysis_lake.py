@@ -25,7 +25,7 @@ from bench.analysis import pandas_statistics
 from twofold.lake import LakeWriter
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "experiments" / "home-ranking.yaml"
+EXAMPLE = ROOT / "tests" / "data" / "home-ranking-analysis.yaml"  # a fixed experiment of these tests
 T0 = dt.datetime(2026, 11, 3, 12, 0, tzinfo=dt.UTC)
 LATER = dt.datetime(2026, 12, 15, tzinfo=dt.UTC)
 

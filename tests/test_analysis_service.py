@@ -27,7 +27,7 @@ from twofold.settings import ServerSettings
 from twofold.testing import BackgroundLoop
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "experiments" / "home-ranking.yaml"
+EXAMPLE = ROOT / "tests" / "data" / "home-ranking-analysis.yaml"  # a fixed experiment of these tests
 
 
 @pytest.fixture(scope="module")
