@@ -27,7 +27,7 @@ from analysis_worker.compute import compute_results
 from analysis_worker.config import ExperimentConfig, load_experiment
 from analysis_worker.inputs import MetricInput, SequentialInput, StatsInput, VariantStats
 from analysis_worker.lake import LakeError, open_lake, row_count
-from analysis_worker.sql import MULTIPLE, UNKNOWN, build_query, stat_columns
+from analysis_worker.sql import MULTIPLE, UNKNOWN, build_query, null_rows_query, stat_columns
 
 
 @dataclass
@@ -50,6 +50,10 @@ class Analysis:
 
             self._html = render_html(self.document)
         return self._html
+
+    def reset_html(self) -> None:
+        """Forget the rendered report (after the document was replaced)."""
+        self._html = None
 
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
         """Write `<experiment>.json` and `<experiment>.html` into `out_dir` (created if needed)."""
@@ -128,7 +132,8 @@ def stats_input_from_rows(experiment: ExperimentConfig, rows: list[dict[str, Any
         control=experiment.control, expected_split=dict(experiment.split), metrics=metrics,
         sequential=None if seq is None else SequentialInput(method=seq.method, expected_n=seq.expected_units,
                                                             looks=looks[:-1], rho=seq.rho),
-        experiment=experiment.name, units={v: totals.get(v, {}).get("n", 0.0) for v in experiment.split})
+        experiment=experiment.name, units={v: totals.get(v, {}).get("n", 0.0) for v in experiment.split},
+        deterioration_alpha=experiment.deterioration_alpha)
 
 
 def _known_flags(con: duckdb.DuckDBPyConnection) -> list[str]:
@@ -166,6 +171,8 @@ def analyze(experiment: str | Path | Mapping[str, Any] | ExperimentConfig, lake:
             cursor = con.execute(query)
             names = [d[0] for d in cursor.description]
             rows = [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
+            cursor = con.execute(null_rows_query(config, events=tables.present["events"]))
+            null_rows = dict(zip([d[0] for d in cursor.description], cursor.fetchone() or (), strict=True))
         except duckdb.Error as exc:
             return failed(f"reading the lake failed: {exc}", scanned)
         excluded = {r["variant"]: int(r["n"]) for r in rows if r["variant"] in (MULTIPLE, UNKNOWN)}
@@ -199,7 +206,8 @@ def analyze(experiment: str | Path | Mapping[str, Any] | ExperimentConfig, lake:
     days = sorted({r["day"] for r in data})
     extra = {
         **base,
-        "exclusions": {"multiple_variants": excluded.get(MULTIPLE, 0), "unknown_variant": excluded.get(UNKNOWN, 0)},
+        "exclusions": {"multiple_variants": excluded.get(MULTIPLE, 0), "unknown_variant": excluded.get(UNKNOWN, 0),
+                       **{k: int(v) for k, v in null_rows.items()}},
         "look_dates": [d.isoformat() for d in days],
         "rows_scanned": scanned,
     }
@@ -207,6 +215,13 @@ def analyze(experiment: str | Path | Mapping[str, Any] | ExperimentConfig, lake:
     document["warnings"] = warnings + document.get("warnings", [])
     if excluded.get(MULTIPLE):
         document["warnings"].append(f"{excluded[MULTIPLE]} unit(s) exposed to more than one variant were excluded")
+    for key, what in (("exposures_null_unit", "exposure(s) without a unit"),
+                      ("exposures_null_id", "exposure(s) without an exposure_id"),
+                      ("events_null_unit", "event(s) without a unit"),
+                      ("events_null_id", "event(s) without an event_id")):
+        if null_rows.get(key):
+            document["warnings"].append(
+                f"{null_rows[key]} {what} were excluded (contract 3: never merged into another)")
     if excluded.get(UNKNOWN):
         document["warnings"].append(f"{excluded[UNKNOWN]} unit(s) exposed only to variants not in the definition "
                                     "were excluded")

@@ -569,7 +569,10 @@ class LakeWriter:
             return 0
         for folder in sorted(p for p in self.wal_root.iterdir() if p.is_dir()):
             own = folder == self.wal_dir
-            lock_fd = None if own else self._try_lock(folder)
+            try:
+                lock_fd = None if own else self._try_lock(folder)
+            except FileNotFoundError:
+                continue  # its writer closed and removed it meanwhile (e.g. another worker shutting down)
             if not own and lock_fd is None:
                 continue  # a live writer owns it
             try:
