@@ -3,18 +3,21 @@
 The tables are exposed to the metric SQL as views named `exposures` and `events`, so the query
 itself never mentions paths and reads the same on Spark or Trino. Only
 `<root>/<table>/date=*/*.parquet` is read: the write-ahead log under `<root>/_wal/` and the
-temporary `.*.tmp` files of a compaction in progress are invisible by construction.
+temporary `.*.tmp` files of a compaction in progress are invisible by construction. The root is a
+folder or an object-store URL (`s3://bucket/prefix`); `twofold.lake_read` says how each is read.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+
+from twofold.lake_read import table_source
+from twofold.lakestore import LakeStoreError, open_store
 
 TABLE_COLUMNS: dict[str, str] = {
     "exposures": ("exposure_id VARCHAR, ts TIMESTAMPTZ, unit VARCHAR, flag VARCHAR, rule VARCHAR, variant VARCHAR, "
@@ -65,8 +68,11 @@ def open_lake(root: str | os.PathLike[str], *, threads: int | None = None,
     columns (so the query still runs and the caller decides what to report); `present` says which
     tables really exist.
     """
-    path = Path(root)
-    if not path.is_dir():
+    try:
+        store = open_store(root)
+    except LakeStoreError as exc:
+        raise LakeError(str(exc)) from exc
+    if store.local and not Path(store.full_path("")).is_dir():
         raise LakeError(f"lake folder {os.fspath(root)!r} does not exist")
     con = duckdb.connect(database=":memory:")
     con.execute("SET TimeZone = 'UTC'")
@@ -84,14 +90,15 @@ def open_lake(root: str | os.PathLike[str], *, threads: int | None = None,
     present: dict[str, bool] = {}
     files: dict[str, int] = {}
     for table, columns in TABLE_COLUMNS.items():
-        pattern = table_pattern(root, table)
-        matches = glob.glob(pattern)
-        present[table] = bool(matches)
-        files[table] = len(matches)
-        if matches:
+        try:
+            source = table_source(con, store, table)
+        except OSError as exc:  # an object store that refuses the listing (credentials, no bucket)
+            raise LakeError(f"cannot list the lake {os.fspath(root)!r}: {exc}") from exc
+        present[table] = source is not None
+        files[table] = source.files if source else 0
+        if source is not None:
             select_list = ", ".join(c.split()[0] for c in columns.split(", "))
-            con.execute(f"CREATE VIEW {table} AS SELECT {select_list} FROM read_parquet({_sql_string(pattern)}, "
-                        "hive_partitioning = false)")
+            con.execute(f"CREATE VIEW {table} AS SELECT {select_list} FROM {source.sql}")
         else:
             casts = ", ".join(f"CAST(NULL AS {c.split()[1]}) AS {c.split()[0]}" for c in columns.split(", "))
             con.execute(f"CREATE VIEW {table} AS SELECT {casts} WHERE FALSE")

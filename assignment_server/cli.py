@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from twofold.cli import Command
+from twofold.lakestore import add_writer_arguments
 from twofold.settings import add_server_arguments, env_default
 
 if TYPE_CHECKING:
@@ -38,7 +39,9 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--flags", default=env_default("flags", None), required=env_default("flags", None) is None,
                    help="folder of flag YAML files, or a Confidence JSON state file [TWOFOLD_FLAGS]")
     g.add_argument("--lake", default=env_default("lake", "data/lake"),
-                   help="lake root for exposures and events [TWOFOLD_LAKE]")
+                   help="lake root for exposures and events: a folder or a URL (s3://bucket/prefix, "
+                        "gs://...) [TWOFOLD_LAKE]")
+    add_writer_arguments(g)
     g.add_argument("--materializations", default=env_default("materializations", None), type=_store_spec,
                    help="store for sticky assignments: a SQLite file (default <lake>/../materializations.sqlite), "
                         "redis://host:port/db or rediss:// (shared by all replicas; password in "
@@ -73,12 +76,14 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from assignment_server.app import build_setup
     from assignment_server.authoring.errors import FlagFileError
+    from twofold.lakestore import LakeStoreError, apply_storage_arguments
     from twofold.resolver import StateError
     from twofold.server import run_service
 
     if args.token_max_age_seconds <= 0:
         print("twofold serve-assignment: --token-max-age-seconds must be positive", file=sys.stderr)
         return 2
+    apply_storage_arguments(args)
     try:
         return run_service(args, build_setup(args))
     except (FlagFileError, StateError) as exc:
@@ -88,7 +93,9 @@ def _run_serve(args: argparse.Namespace) -> int:
             print(f"error: {problem}", file=sys.stderr)
         print(f"twofold serve-assignment: cannot load the flag source {args.flags}", file=sys.stderr)
         return 2
-    except OSError as exc:  # a file that cannot be read: say which, not a traceback or another cause
+    except (LakeStoreError, OSError, ValueError, RuntimeError) as exc:
+        # A lake it cannot write to, a bad writer id or one in use, a file that cannot be read:
+        # refuse before acknowledging anything, saying which (not a traceback or another cause).
         print(f"twofold serve-assignment: {exc}", file=sys.stderr)
         return 2
 
