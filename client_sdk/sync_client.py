@@ -99,7 +99,11 @@ class Client(ClientSurface):
     def resolve(self, flag: str, unit: str, context: Mapping[str, Any] | None = None, *,
                 default: Any = None) -> FlagResult:
         """Resolve one flag for `unit` without logging an exposure (see `apply`)."""
-        return self.resolve_many([flag], unit, context, defaults={flag_name(flag): default})[flag_name(flag)]
+        result = self._resolve_planned(flag, unit, context, default)
+        if result is not None:
+            return result
+        name = flag_name(flag)
+        return self.resolve_many([flag], unit, context, defaults={name: default})[name]
 
     def resolve_many(self, flags: Sequence[str], unit: str, context: Mapping[str, Any] | None = None, *,
                      defaults: Mapping[str, Any] | None = None) -> dict[str, FlagResult]:
@@ -134,8 +138,7 @@ class Client(ClientSurface):
 
     def apply(self, result: FlagResult) -> None:
         """Log the exposure of `result` now that its value is used (batched, deduplicated)."""
-        self._core.use(result)
-        if self._core.should_flush_early():
+        if self._core.use(result):
             self._wake.set()
 
     def decide(self, flag: str, unit: str, context: Mapping[str, Any] | None = None, *,
@@ -170,7 +173,8 @@ class Client(ClientSurface):
         if not self._models:
             raise TwofoldError(ErrorCode.GENERAL, "no model server configured")
         stub = self._models[self._model_pool.pick()]  # type: ignore[union-attr]
-        return list(stub.ListModels(model_pb2.ListModelsRequest(), timeout=self.options.deadlines.model).models)
+        return list(stub.ListModels(model_pb2.ListModelsRequest(), timeout=self.options.deadlines.model,
+                                  metadata=self._core.model_metadata).models)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Send every queued exposure and event now; True when nothing is left unsent."""
@@ -222,7 +226,8 @@ class Client(ClientSurface):
             return systems.failed(p, ErrorCode.SYSTEM_FAILED, "no model server configured")
         stub = self._models[self._model_pool.pick()]  # type: ignore[union-attr]
         try:
-            response = getattr(stub, p.method)(p.request, timeout=self.options.deadlines.model)  # type: ignore[arg-type]
+            response = getattr(stub, p.method)(p.request, timeout=self.options.deadlines.model,
+                                                          metadata=self._core.model_metadata)  # type: ignore[arg-type]
         except grpc.RpcError as exc:
             return systems.failed_call(p, exc)
         return systems.finish_model(p, response)
