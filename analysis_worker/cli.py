@@ -158,21 +158,7 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
                         help="results web UI port, 0 for any free port, -1 to turn it off [TWOFOLD_HTTP_PORT, "
                              f"default the gRPC port + {HTTP_PORT_OFFSET} ({DEFAULT_PORT + HTTP_PORT_OFFSET}), "
                              "or any free port when --port is 0]")
-    parser.add_argument("--client-secrets-file", default=env_default("client_secrets_file", None),
-                        help="file with one client secret per line; the web UI then requires one in the "
-                             "Authorization header (Bearer, or Basic with the secret as password) "
-                             "[TWOFOLD_CLIENT_SECRETS_FILE]")
     add_server_arguments(parser, default_port=DEFAULT_PORT)
-
-
-def _read_secrets(path: str | None) -> list[str]:
-    if not path:
-        return []
-    secrets = [line.strip() for line in Path(path).read_text().splitlines()
-               if line.strip() and not line.lstrip().startswith("#")]
-    if not secrets:
-        raise ValueError(f"--client-secrets-file {path}: no secret in the file")
-    return secrets
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -180,6 +166,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from analysis_worker.service import AnalysisWorker, registration
     from analysis_worker.web import ResultsWebServer
     from twofold.server import RunningServer
+    from twofold.watched_files import WatchedFiles, load_secrets
 
     if args.http_port is None:
         env = env_default("http_port", None)
@@ -188,11 +175,6 @@ def _run_serve(args: argparse.Namespace) -> int:
                                                else 0)
     if not -1 <= args.http_port <= 65535:
         _err(f"--http-port must be within -1..65535, got {args.http_port}")
-        return 2
-    try:
-        secrets = _read_secrets(args.client_secrets_file)
-    except (OSError, ValueError) as exc:
-        _err(str(exc))
         return 2
     missing = [p for p in args.experiments if not Path(p).exists()]
     if missing:
@@ -206,6 +188,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         web = None
         if args.http_port >= 0:
             try:
+                # The gRPC API's client secrets (`--client-secrets-file`), re-read when the file changes.
+                secrets = None if settings.client_secrets_file is None else WatchedFiles(
+                    [settings.client_secrets_file], load_secrets, what="client secrets").current
                 web = ResultsWebServer(worker, args.http_host, args.http_port, tls=settings.tls, secrets=secrets)
             except OSError as exc:  # the results still serve over gRPC; the log says why the pages do not
                 log.error("results web UI not started", extra={"fields": {

@@ -13,9 +13,10 @@ the worker's latest results:
 Pages are plain HTML with inline CSS and SVG: no scripts, no external assets (works offline),
 readable from a phone's width up. Every address is a plain path, so links survive a refresh and
 can be shared. Access follows the gRPC API: the same TLS certificate, and with a client CA the
-same mutual TLS; with client secrets configured, a request must carry one in the `Authorization`
-header, either `Bearer <secret>` or HTTP Basic with the secret as the password (so a browser can
-prompt for it). Secrets never travel in the URL.
+same mutual TLS; with the gRPC API's client secrets configured (`--client-secrets-file`, re-read
+when the file changes), a request must carry one in the `Authorization` header, either
+`Bearer <secret>` or HTTP Basic with the secret as the password (so a browser can prompt for it).
+Secrets never travel in the URL.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import json
 import logging
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -233,8 +234,7 @@ def _page(title: str, message: str) -> str:
             "</body></html>\n")
 
 
-def _handler(site: ResultsSite, secrets: Sequence[str]) -> type[BaseHTTPRequestHandler]:
-    encoded = [s.encode() for s in secrets]
+def _handler(site: ResultsSite, secrets: Callable[[], Collection[str]] | None) -> type[BaseHTTPRequestHandler]:
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "twofold-results"
@@ -244,8 +244,9 @@ def _handler(site: ResultsSite, secrets: Sequence[str]) -> type[BaseHTTPRequestH
             log.debug("http " + format, *args)
 
         def _authorized(self) -> bool:
-            if not encoded:
+            if secrets is None:
                 return True
+            encoded = [s.encode() for s in secrets()]
             header = self.headers.get("Authorization", "")
             scheme, _, value = header.partition(" ")
             if scheme.lower() == "bearer":
@@ -334,7 +335,7 @@ class ResultsWebServer:
     """The HTTP server in a daemon thread; `port` is the bound port (0 picks a free one)."""
 
     def __init__(self, worker: AnalysisWorker, host: str, port: int, *, tls: TlsSettings | None = None,
-                 secrets: Sequence[str] = ()) -> None:
+                 secrets: Callable[[], Collection[str]] | None = None) -> None:
         self.history = LookHistory()
         worker.on_computed.append(self.history.record)
         self.site = ResultsSite(worker, self.history)
