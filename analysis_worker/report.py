@@ -36,7 +36,8 @@ text-align:right}th{background:#f5f5f5}td.l,th.l{text-align:left}.sig{font-weigh
 .good{color:#188038}.charts{display:flex;flex-wrap:wrap;gap:1rem;align-items:flex-start}
 svg{background:#fff;border:1px solid #eee;max-width:100%;height:auto}.warn{color:#8a5300}
 .scroll{overflow-x:auto;max-width:100%}nav{font-size:.9rem;margin-bottom:1rem}nav a{margin-right:1rem}
-@media (max-width:600px){body{margin:1rem auto;padding:0 .5rem}table{font-size:.8rem}th,td{padding:.2rem .35rem}}
+@media (max-width:600px){body{margin:1rem auto;padding:0 .5rem}table{font-size:.8rem}th,td{padding:.2rem .35rem}
+.opt{display:none}}
 """
 
 

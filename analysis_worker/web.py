@@ -155,21 +155,21 @@ class ResultsSite:
             errors = html.escape(state.summary_error()) or "-"
             rows.append(
                 f"<tr><td class='l'><a href='{_link('experiments', state.name)}'>{html.escape(state.name)}</a></td>"
-                f"<td class='l'>{html.escape(state.config.flag if state.config else '-')}</td>"
+                f"<td class='l opt'>{html.escape(state.config.flag if state.config else '-')}</td>"
                 f"<td class='l'>{html.escape(_status(state, now))}</td><td class='l'>{_recommendation(doc)}</td>"
-                f"<td class='l'>{_srm(doc)}</td><td>{fmt_number(units) if units is not None else '-'}</td>"
+                f"<td class='l'>{_srm(doc)}</td><td class='opt'>{fmt_number(units) if units is not None else '-'}</td>"
                 f"<td class='l'>{_when(state.computed_at)}</td>"
-                f"<td class='l'><a href='{_link('experiments', state.name, 'looks')}'>"
+                f"<td class='l opt'><a href='{_link('experiments', state.name, 'looks')}'>"
                 f"{len(self.history.of(state.name))}</a></td><td class='l bad'>{errors}</td></tr>")
-        load_errors = "".join(f"<li class='warn'>{html.escape(f)}: {html.escape(e)}</li>"
+        load_errors = "".join(f"<li class='warn'>{html.escape(e if e.startswith(f) else f'{f}: {e}')}</li>"
                               for f, e in sorted(self.worker.load_errors.items()))
-        body = ("<table><tr><th class='l'>experiment</th><th class='l'>flag</th><th class='l'>status</th>"
-                "<th class='l'>recommendation</th><th class='l'>sample ratio</th><th>units</th>"
-                "<th class='l'>last computed</th><th class='l'>looks</th><th class='l'>errors</th></tr>"
+        body = ("<table><tr><th class='l'>experiment</th><th class='l opt'>flag</th><th class='l'>status</th>"
+                "<th class='l'>recommendation</th><th class='l'>sample ratio</th><th class='opt'>units</th>"
+                "<th class='l'>last computed</th><th class='l opt'>looks</th><th class='l'>errors</th></tr>"
                 + "".join(rows) + "</table>") if rows else "<p>No experiments configured yet.</p>"
         return (page_head("Experiments") + _nav() + "<h1>Experiments</h1>"
                 f"<p class='meta'>recomputed every {fmt_number(self.worker.every_seconds)} s · "
-                f"{self.worker.rounds} rounds so far · page rendered {_when(now)}</p>"
+                f"rounds so far: {self.worker.rounds} · page rendered {_when(now)}</p>"
                 f"<div class='scroll'>{body}</div>"
                 + (f"<h2>Definitions not loaded</h2><ul>{load_errors}</ul>" if load_errors else "")
                 + "</body></html>\n")
