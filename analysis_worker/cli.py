@@ -11,10 +11,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from twofold.cli import Command
 from twofold.server import ServerSettings, ServiceSetup, run_service
 from twofold.settings import add_server_arguments, env_default
+
+if TYPE_CHECKING:
+    from analysis_worker.engine import Engine
 
 DEFAULT_PORT = 50053
 
@@ -23,12 +27,41 @@ def _err(message: str) -> None:
     print(f"twofold: {message}", file=sys.stderr)
 
 
+# ---------------------------------------------------------------- engines
+
+def _spark_setting(value: str) -> tuple[str, str]:
+    key, sep, setting = value.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, e.g. spark.driver.memory=4g; got {value!r}")
+    return key.strip(), setting.strip()
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=["duckdb", "spark"], default=env_default("analysis_engine", "duckdb"),
+                        help="what runs the metric SQL: DuckDB in this process, or Spark (pip install "
+                             "'twofold[spark]') [TWOFOLD_ANALYSIS_ENGINE, default duckdb]")
+    parser.add_argument("--spark-master", default=env_default("spark_master", None),
+                        help="with --engine spark: local[*] (default), spark://host:7077, yarn, k8s://..., or a "
+                             "Spark Connect URL sc://host:15002 [TWOFOLD_SPARK_MASTER]")
+    parser.add_argument("--spark-conf", type=_spark_setting, action="append", default=[], metavar="KEY=VALUE",
+                        help="with --engine spark: a Spark setting, repeatable (e.g. spark.driver.memory=4g)")
+
+
+def _engine(args: argparse.Namespace) -> Engine:
+    """The engine the flags ask for; ValueError (one line) for flags of the other engine."""
+    from analysis_worker.engine import make_engine
+
+    return make_engine(args.engine, threads=args.threads, memory_limit=args.memory_limit,
+                       spark_master=args.spark_master, spark_conf=dict(args.spark_conf) or None)
+
+
 # ---------------------------------------------------------------- analyze
 
 def _configure_analyze(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", help="experiment definition (YAML)")
     parser.add_argument("--lake", default=env_default("lake", "data/lake"),
-                        help="lake folder (contract 3) [TWOFOLD_LAKE, default data/lake]")
+                        help="lake folder (contract 3), or a URL Spark reads (s3://, gs://, hdfs://) "
+                             "[TWOFOLD_LAKE, default data/lake]")
     parser.add_argument("--out", default="results",
                         help="folder for <experiment>.json and <experiment>.html (default ./results)")
     parser.add_argument("--format", choices=["table", "json"], default="table", help="what to print on stdout")
@@ -39,13 +72,14 @@ def _configure_analyze(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-limit", default=env_default("analysis_memory_limit", None),
                         help="DuckDB memory limit, e.g. 3GB; beyond it DuckDB spills to disk "
                              "[TWOFOLD_ANALYSIS_MEMORY_LIMIT, default 80%% of RAM]")
+    _add_engine_arguments(parser)
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
     from analysis_worker.analyze import analyze
     from analysis_worker.config import ConfigError, load_experiment
     from analysis_worker.report import render_table
-    from analysis_worker.sql import build_query, transpile
+    from analysis_worker.sql import DialectError, build_query, transpile
 
     try:
         config = load_experiment(args.experiment)
@@ -53,13 +87,24 @@ def _run_analyze(args: argparse.Namespace) -> int:
         _err(str(exc))
         return 2
     if args.sql:
-        print(transpile(build_query(config), args.sql))
+        try:
+            print(transpile(build_query(config), args.sql))
+        except DialectError as exc:
+            _err(f"{config.name}: {exc}")
+            return 2
         return 0
     try:
-        result = analyze(config, args.lake, threads=args.threads, memory_limit=args.memory_limit)
+        engine = _engine(args)
+    except ValueError as exc:
+        _err(str(exc))
+        return 2
+    try:
+        result = analyze(config, args.lake, engine=engine)
     except Exception as exc:  # a bug, not bad input: still one line, and a non-zero exit
         _err(f"{config.name}: internal error ({type(exc).__name__}: {exc})")
         return 1
+    finally:
+        engine.close()
     try:
         json_path, html_path = result.write(args.out)
     except OSError as exc:
@@ -142,15 +187,22 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
                         help="DuckDB threads (default: the cores DuckDB sees, plus one)")
     parser.add_argument("--memory-limit", default=env_default("analysis_memory_limit", None),
                         help="DuckDB memory limit, e.g. 3GB [TWOFOLD_ANALYSIS_MEMORY_LIMIT]")
+    _add_engine_arguments(parser)
     add_server_arguments(parser, default_port=DEFAULT_PORT)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from analysis_worker.service import AnalysisWorker, registration
 
+    try:
+        engine = _engine(args)
+    except ValueError as exc:
+        _err(str(exc))
+        return 2
+
     async def setup(_settings: ServerSettings) -> ServiceSetup:
         worker = AnalysisWorker(args.experiments, args.lake, every_seconds=args.every, out_dir=args.out,
-                                threads=args.threads, memory_limit=args.memory_limit)
+                                engine=engine)
 
         async def on_started(_running: object) -> None:
             worker.start()

@@ -1,7 +1,8 @@
 """Read-only access to the lake (contract 3) through DuckDB, which reads the Parquet files in place.
 
-The tables are exposed to the metric SQL as views named `exposures` and `events`, so the query
-itself never mentions paths and reads the same on Spark or Trino. Only
+The tables are exposed to the metric SQL as views named `exposures` and `events` (plus the Hive
+partition column `date`), so the query itself never mentions paths and reads the same on Spark or
+Trino. Only
 `<root>/<table>/date=*/*.parquet` is read: the write-ahead log under `<root>/_wal/` and the
 temporary `.*.tmp` files of a compaction in progress are invisible by construction.
 """
@@ -18,8 +19,9 @@ import duckdb
 
 TABLE_COLUMNS: dict[str, str] = {
     "exposures": ("exposure_id VARCHAR, ts TIMESTAMPTZ, unit VARCHAR, flag VARCHAR, rule VARCHAR, variant VARCHAR, "
-                  "assignment_id VARCHAR, resolve_id VARCHAR, client VARCHAR"),
-    "events": "event_id VARCHAR, ts TIMESTAMPTZ, unit VARCHAR, name VARCHAR, value DOUBLE, properties VARCHAR",
+                  "assignment_id VARCHAR, resolve_id VARCHAR, client VARCHAR, date DATE"),
+    "events": ("event_id VARCHAR, ts TIMESTAMPTZ, unit VARCHAR, name VARCHAR, value DOUBLE, properties VARCHAR, "
+               "date DATE"),
 }
 
 
@@ -39,6 +41,16 @@ class LakeTables:
 def table_pattern(root: str | os.PathLike[str], table: str) -> str:
     """The glob of a table's Parquet files (Hive partitions by date)."""
     return os.path.join(os.fspath(root), table, "date=*", "*.parquet")
+
+
+def table_files(root: str | os.PathLike[str], table: str) -> list[str]:
+    """The table's Parquet files, skipping names that start with `.` or `_` as Hadoop readers do.
+
+    Spark, Hive and Trino never read such files (a writer's temporary or marker files); DuckDB's
+    own glob would, so the list is made here and every engine reads the same files.
+    """
+    return sorted(path for path in glob.glob(table_pattern(root, table))
+                  if not os.path.basename(path).startswith((".", "_")))
 
 
 def _sql_string(value: str) -> str:
@@ -84,14 +96,15 @@ def open_lake(root: str | os.PathLike[str], *, threads: int | None = None,
     present: dict[str, bool] = {}
     files: dict[str, int] = {}
     for table, columns in TABLE_COLUMNS.items():
-        pattern = table_pattern(root, table)
-        matches = glob.glob(pattern)
+        matches = table_files(root, table)
         present[table] = bool(matches)
         files[table] = len(matches)
         if matches:
             select_list = ", ".join(c.split()[0] for c in columns.split(", "))
-            con.execute(f"CREATE VIEW {table} AS SELECT {select_list} FROM read_parquet({_sql_string(pattern)}, "
-                        "hive_partitioning = false)")
+            listed = ", ".join(_sql_string(m) for m in matches)
+            # `date` is the Hive partition of the file: a predicate on it skips whole days unread.
+            con.execute(f"CREATE VIEW {table} AS SELECT {select_list} FROM read_parquet([{listed}], "
+                        "hive_partitioning = true, hive_types = {'date': DATE})")
         else:
             casts = ", ".join(f"CAST(NULL AS {c.split()[1]}) AS {c.split()[0]}" for c in columns.split(", "))
             con.execute(f"CREATE VIEW {table} AS SELECT {casts} WHERE FALSE")

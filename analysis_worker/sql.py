@@ -37,6 +37,7 @@ What the query does, in order:
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 
 import sqlglot
 from sqlglot import exp
@@ -207,8 +208,54 @@ def stat_columns(experiment: ExperimentConfig) -> list[str]:
     return out
 
 
-def build_query(experiment: ExperimentConfig) -> str:
-    """The sufficient-statistics query (DuckDB dialect) over tables `exposures` and `events`."""
+def percentile_caps(experiment: ExperimentConfig) -> dict[str, float]:
+    """The per-unit columns capped at a percentile of all units, with their levels (`m1` -> 0.99)."""
+    caps: dict[str, float] = {}
+    for i, metric in enumerate(experiment.metrics):
+        if metric.cap is not None and metric.cap.percentile is not None:
+            caps[f"m{i}"] = metric.cap.percentile
+            if metric.cuped_window_seconds is not None:
+                caps[f"c{i}"] = metric.cap.percentile
+    return caps
+
+
+def _day(column: str) -> str:
+    """The UTC calendar day of a timestamp, the same whatever the session time zone.
+
+    `CAST(ts AS DATE)` takes the day in the session's zone (Spark's `spark.sql.session.timeZone`,
+    DuckDB's `TimeZone`), so a unit exposed at 02:00 UTC would land on the previous day in
+    America/Los_Angeles. Seconds since the epoch do not depend on any zone, and every UTC day is
+    86,400 of them.
+    """
+    # The outer CAST keeps a DATE where sqlglot writes DuckDB's DATE_ADD as `date + INTERVAL` (a timestamp).
+    return f"CAST(DATE_ADD(CAST('1970-01-01' AS DATE), CAST(FLOOR(EPOCH({column}) / 86400) AS INTEGER)) AS DATE)"
+
+
+def _partitions(first: dt.datetime, last: dt.datetime | None) -> str:
+    """A predicate on the `date` partition column that lets every engine skip the other days' files.
+
+    The lake's writers file a row under the UTC date of its `ts`; one day of margin on each side
+    keeps every row even for a writer that files by a local date. The exact bounds stay on `ts`.
+    """
+    lo = (first.astimezone(dt.UTC).date() - dt.timedelta(days=1)).isoformat()
+    where = f'"date" >= CAST({quote(lo)} AS DATE)'
+    if last is not None:
+        hi = (last.astimezone(dt.UTC).date() + dt.timedelta(days=1)).isoformat()
+        where += f' AND "date" <= CAST({quote(hi)} AS DATE)'
+    return where
+
+
+def _excluded_label(units: str) -> str:
+    return (f"CASE WHEN {units}.variant <> {units}.last_variant THEN {quote(MULTIPLE)} "
+            f"WHEN {units}.variant < 0 THEN {quote(UNKNOWN)} END")
+
+
+def _per_unit(experiment: ExperimentConfig) -> str:
+    """The per-unit step (DuckDB dialect): one row per exposed unit, ending in `SELECT ... FROM units`.
+
+    Columns: `variant` (its short name, or MULTIPLE / UNKNOWN for an excluded unit), `day` (UTC day
+    of the first exposure) and the value columns (`value_columns`), zero for units without events.
+    """
     short_names = list(experiment.split)
     names = experiment.exposure_names()
     # Variants as small integers (-1: not in the definition) while grouping 10M exposures by unit.
@@ -219,12 +266,14 @@ def build_query(experiment: ExperimentConfig) -> str:
         where.append(f"rule IN ({_names(experiment.rule_names())})")
     if experiment.end is not None:
         where.append(f"ts < {timestamp(experiment.end)}")
+    where.append(_partitions(experiment.start, experiment.end))
     all_events = tuple(dict.fromkeys(e for m in experiment.metrics for e in m.event_names))
     longest_pre = max((m.cuped_window_seconds or 0 for m in experiment.metrics), default=0)
-    event_where = [f"name IN ({_names(all_events)})",
-                   f"ts >= {timestamp(experiment.start - dt.timedelta(seconds=longest_pre))}"]
+    events_from = experiment.start - dt.timedelta(seconds=longest_pre)
+    event_where = [f"name IN ({_names(all_events)})", f"ts >= {timestamp(events_from)}"]
     if experiment.end is not None:
         event_where.append(f"ts < {timestamp(experiment.end)}")
+    event_where.append(_partitions(events_from, experiment.end))
     codes = _codes(experiment)
     code_case = " ".join(f"WHEN {quote(name)} THEN {code}" for name, code in codes.items())
     windows = _Windows(experiment, codes)
@@ -232,39 +281,6 @@ def build_query(experiment: ExperimentConfig) -> str:
     per_unit_cols = [c for i, m in enumerate(experiment.metrics) for c in _metric_columns(i, m, windows)]
     # Window ends and covariate starts, computed once per unit rather than once per event.
     bounds = windows.bounds()
-
-    cap_exprs: list[str] = []
-    capped_cols: list[str] = []
-    for i, metric in enumerate(experiment.metrics):
-        cols = [f"m{i}"] + ([f"c{i}"] if metric.cuped_window_seconds is not None else [])
-        for col in cols:
-            if metric.cap is None:
-                capped_cols.append(col)
-            elif metric.cap.value is not None:
-                capped_cols.append(f"LEAST({col}, CAST({metric.cap.value!r} AS DOUBLE)) AS {col}")
-            else:
-                level = metric.cap.percentile
-                cap_exprs.append(f"PERCENTILE_CONT({level!r}) WITHIN GROUP (ORDER BY {col}) AS cap_{col}")
-                capped_cols.append(f"LEAST({col}, cap_{col}) AS {col}")
-        if metric.denominator is not None:
-            capped_cols.append(f"d{i}")
-
-    stats: list[str] = []
-    for i, metric in enumerate(experiment.metrics):
-        stats += [f"SUM(m{i}) AS m{i}_sum", f"SUM(m{i} * m{i}) AS m{i}_sum_sq"]
-        if metric.denominator is not None:
-            stats += [f"SUM(d{i}) AS d{i}_sum", f"SUM(d{i} * d{i}) AS d{i}_sum_sq",
-                      f"SUM(m{i} * d{i}) AS m{i}_d{i}_sum"]
-        if metric.cuped_window_seconds is not None:
-            stats += [f"SUM(c{i}) AS c{i}_sum", f"SUM(c{i} * c{i}) AS c{i}_sum_sq",
-                      f"SUM(m{i} * c{i}) AS m{i}_c{i}_sum"]
-    nulls = [f"CAST(NULL AS DOUBLE) AS {c}" for c in stat_columns(experiment)]
-
-    caps_cte = ""
-    capped_from = "per_unit"
-    if cap_exprs:
-        caps_cte = f",\ncaps AS (\n  SELECT {', '.join(cap_exprs)} FROM per_unit\n)"
-        capped_from = "per_unit CROSS JOIN caps"
     zone = f", {windows.zone_expression()} AS zone" if windows.zoned else ""
     zeros = [f"COALESCE(p.{c}, 0) AS {c}" for c in value_columns(experiment)]
     nl = ",\n    "
@@ -279,7 +295,7 @@ units AS (
   GROUP BY unit
 ),
 assigned AS (
-  SELECT unit, first_ts, CASE variant {unmap} END AS variant, {', '.join(bounds)}
+  SELECT unit, first_ts, {', '.join(bounds)}
   FROM units WHERE variant = last_variant AND variant >= 0
 ),
 relevant AS (
@@ -303,31 +319,149 @@ unit_values AS (
     {nl.join(per_unit_cols)}
   FROM deduped
   GROUP BY unit
-),
-per_unit AS (
-  SELECT a.variant, CAST(a.first_ts AS DATE) AS day,
+)
+SELECT COALESCE({_excluded_label('u')}, CASE u.variant {unmap} END) AS variant, {_day('u.first_ts')} AS day,
     {nl.join(zeros)}
-  FROM assigned AS a LEFT JOIN unit_values AS p ON p.unit = a.unit
-){caps_cte},
-capped AS (
-  SELECT variant, day, {', '.join(capped_cols)} FROM {capped_from}
+FROM units AS u LEFT JOIN unit_values AS p ON p.unit = u.unit"""
+
+
+def per_unit_query(experiment: ExperimentConfig) -> str:
+    """Step 1 (DuckDB dialect): the per-unit values, which an engine keeps as the table `per_unit`."""
+    return _per_unit(experiment)
+
+
+_EXCLUDED = f"variant IN ({quote(MULTIPLE)}, {quote(UNKNOWN)})"
+
+
+def caps_query(experiment: ExperimentConfig) -> str | None:
+    """Step 2 (DuckDB dialect), only with percentile caps: one row, `cap_<column>` per capped column.
+
+    Exact percentiles (linear interpolation between order statistics, as numpy's default) over the
+    units of the experiment. `transpile` spells them exactly in each dialect, or refuses.
+    """
+    caps = percentile_caps(experiment)
+    if not caps:
+        return None
+    columns = ", ".join(f"QUANTILE_CONT({col}, {level!r}) AS cap_{col}" for col, level in caps.items())
+    return f"SELECT {columns}\nFROM per_unit\nWHERE NOT {_EXCLUDED}"
+
+
+def _literal(value: float) -> str:
+    # A string cast reads back exactly the double that repr() wrote, on every engine (a bare
+    # 123.456 is a DECIMAL on Spark, a NUMERIC on some others).
+    return f"CAST({quote(repr(float(value)))} AS DOUBLE)"
+
+
+def _statistics(experiment: ExperimentConfig, caps: dict[str, str], source: str) -> str:
+    """Step 3 (DuckDB dialect): sufficient statistics per variant and day from `per_unit`, caps given as
+    SQL expressions per capped column (literals, or columns of a `caps` relation joined in `source`)."""
+    capped_cols: list[str] = []
+    for i, metric in enumerate(experiment.metrics):
+        cols = [f"m{i}"] + ([f"c{i}"] if metric.cuped_window_seconds is not None else [])
+        for col in cols:
+            if metric.cap is not None and metric.cap.value is not None:
+                capped_cols.append(f"LEAST({col}, {_literal(metric.cap.value)}) AS {col}")
+            elif col in caps:
+                capped_cols.append(f"LEAST({col}, {caps[col]}) AS {col}")
+            else:
+                capped_cols.append(col)
+        if metric.denominator is not None:
+            capped_cols.append(f"d{i}")
+    stats: list[str] = []
+    for i, metric in enumerate(experiment.metrics):
+        stats += [f"SUM(m{i}) AS m{i}_sum", f"SUM(m{i} * m{i}) AS m{i}_sum_sq"]
+        if metric.denominator is not None:
+            stats += [f"SUM(d{i}) AS d{i}_sum", f"SUM(d{i} * d{i}) AS d{i}_sum_sq",
+                      f"SUM(m{i} * d{i}) AS m{i}_d{i}_sum"]
+        if metric.cuped_window_seconds is not None:
+            stats += [f"SUM(c{i}) AS c{i}_sum", f"SUM(c{i} * c{i}) AS c{i}_sum_sq",
+                      f"SUM(m{i} * c{i}) AS m{i}_c{i}_sum"]
+    nulls = [f"CAST(NULL AS DOUBLE) AS {c}" for c in stat_columns(experiment)]
+    nl = ",\n    "
+    return f"""capped AS (
+  SELECT variant, day, {', '.join(capped_cols)} FROM {source} WHERE NOT {_EXCLUDED}
 )
 SELECT variant, day, COUNT(*) AS n,
     {nl.join(stats)}
 FROM capped
 GROUP BY variant, day
 UNION ALL
-SELECT CASE WHEN variant <> last_variant THEN {quote(MULTIPLE)} ELSE {quote(UNKNOWN)} END AS variant,
-    CAST(NULL AS DATE) AS day, COUNT(*) AS n,
+SELECT variant, CAST(NULL AS DATE) AS day, COUNT(*) AS n,
     {nl.join(nulls)}
-FROM units
-WHERE variant <> last_variant OR variant < 0
-GROUP BY CASE WHEN variant <> last_variant THEN {quote(MULTIPLE)} ELSE {quote(UNKNOWN)} END
+FROM per_unit
+WHERE {_EXCLUDED}
+GROUP BY variant
 """
 
 
+def statistics_query(experiment: ExperimentConfig, caps: Mapping[str, float | None]) -> str:
+    """Step 3 (DuckDB dialect) over the table `per_unit`, with the caps of step 2 inlined as literals.
+
+    A cap of None (no unit to take a percentile of) leaves its column uncapped.
+    """
+    literals = {col: _literal(value) for col, value in caps.items() if value is not None}
+    return "WITH " + _statistics(experiment, literals, "per_unit")
+
+
+def build_query(experiment: ExperimentConfig) -> str:
+    """The three steps as one statement (DuckDB dialect): what `--sql` prints, for other engines.
+
+    The caps come from a `caps` relation of one row instead of literals, so the statement runs as it
+    is; engines that run the analysis themselves run the steps one by one (see `analysis_worker.engine`).
+    """
+    steps = _per_unit(experiment)
+    head, last_select = steps.rsplit("\n)\nSELECT ", 1)
+    text = f"{head}\n),\nper_unit AS (\n  SELECT {last_select}\n),\n"
+    caps = caps_query(experiment)
+    if caps is None:
+        return text + _statistics(experiment, {}, "per_unit")
+    refs = {col: f"caps.cap_{col}" for col in percentile_caps(experiment)}
+    return text + f"caps AS (\n  {caps}\n),\n" + _statistics(experiment, refs, "per_unit CROSS JOIN caps")
+
+
+class DialectError(ValueError):
+    """A step of the analysis has no exact spelling in the requested dialect."""
+
+
+def _exact_percentiles(tree: exp.Expression, dialect: str) -> exp.Expression:
+    """Spell each exact percentile (DuckDB's QUANTILE_CONT) the way `dialect` computes it exactly.
+
+    sqlglot would map it to PERCENTILE_APPROX on Spark and leave an aggregate PERCENTILE_CONT for
+    BigQuery, where it is an analytic function only; Trino has no exact percentile at all.
+    """
+    found = list(tree.find_all(exp.PercentileCont))
+    if not found or dialect == "duckdb":
+        return tree
+    if dialect == "trino":
+        raise DialectError("Trino has no exact percentile function, so a `cap: {percentile: p}` cannot be "
+                           "computed there as Twofold does; cap at a fixed value (`cap: {value: x}`) or run "
+                           "the analysis with --engine duckdb|spark")
+    for node in found:
+        if dialect == "spark":
+            node.replace(exp.Anonymous(this="PERCENTILE", expressions=[node.this, node.expression]))
+        elif dialect == "bigquery":
+            node.replace(exp.Window(this=node.copy(), over="OVER"))
+    if dialect == "bigquery":
+        # The analytic form gives every row the same value: keep one.
+        for select in {id(n.find_ancestor(exp.Select)): n.find_ancestor(exp.Select) for n in
+                       tree.find_all(exp.Window)}.values():
+            if select is not None:
+                select.set("limit", exp.Limit(expression=exp.Literal.number(1)))
+    return tree
+
+
+def _epoch_seconds(node: exp.Expression, dialect: str) -> exp.Expression:
+    """sqlglot writes TIME_TO_UNIX for BigQuery, which has no such function: UNIX_SECONDS is its name."""
+    if dialect == "bigquery" and isinstance(node, exp.TimeToUnix):
+        return exp.Anonymous(this="UNIX_SECONDS", expressions=[node.this])
+    return node
+
+
 def transpile(query: str, dialect: str) -> str:
-    """The same query in another engine's dialect (spark, bigquery, trino, duckdb)."""
+    """The same query in another engine's dialect (spark, bigquery, trino, duckdb).
+
+    Raises `DialectError` when a step cannot be written exactly in that dialect.
+    """
     if dialect not in DIALECTS:
         raise ValueError(f"unknown dialect {dialect!r}; one of {', '.join(DIALECTS)}")
     tree = sqlglot.parse_one(query, read="duckdb")
@@ -336,4 +470,6 @@ def transpile(query: str, dialect: str) -> str:
     # ANY_VALUE of columns that are never NULL, so the plain function means the same everywhere.
     tree = tree.transform(
         lambda node: node.this if isinstance(node, exp.IgnoreNulls) and isinstance(node.this, exp.AnyValue) else node)
+    tree = _exact_percentiles(tree, dialect)
+    tree = tree.transform(lambda node: _epoch_seconds(node, dialect))
     return tree.sql(dialect=dialect, pretty=True)

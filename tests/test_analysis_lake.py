@@ -19,7 +19,7 @@ from analysis_worker.compute import compute_results
 from analysis_worker.config import ConfigError, load_experiment, parse_experiment
 from analysis_worker.inputs import parse_input
 from analysis_worker.lake import open_lake
-from analysis_worker.sql import MULTIPLE, UNKNOWN, build_query, stat_columns, transpile
+from analysis_worker.sql import MULTIPLE, UNKNOWN, DialectError, build_query, stat_columns, transpile
 from analysis_worker.synthetic import write_synthetic_lake
 from bench.analysis import pandas_statistics
 from twofold.lake import LakeWriter
@@ -228,16 +228,31 @@ def test_an_event_id_counts_once_even_when_its_copies_differ(tmp_path: Path) -> 
 @pytest.mark.parametrize("dialect", ["spark", "bigquery", "trino"])
 def test_generated_sql_parses_in_other_dialects(dialect: str) -> None:
     config = load_experiment(EXAMPLE)
+    if dialect == "trino":
+        # Trino has no exact percentile: said plainly rather than approximated.
+        with pytest.raises(DialectError, match="Trino has no exact percentile"):
+            transpile(build_query(config), dialect)
+        config = parse_experiment(_example(metrics=[dict(m, cap={"value": 500}) if m.get("cap") else m
+                                                    for m in _example()["metrics"]]))
     text = transpile(build_query(config), dialect)
     tree = sqlglot.parse_one(text, read=dialect)
     assert tree.find(sqlglot.exp.Union) is not None
     assert "read_parquet" not in text.lower()
     # Neither Trino's ARBITRARY nor BigQuery's ANY_VALUE takes IGNORE NULLS (sqlglot would add it).
     assert "IGNORE NULLS" not in text
+    # Partitions are pruned by `date`; no timestamp is cast to a date in the session's time zone.
+    quoted_date = '"date"' if dialect == "trino" else "`date`"
+    assert f"{quoted_date} >= CAST('2026-10-31' AS DATE)" in text
+    assert "CAST(u.first_ts AS DATE)" not in text and "UNIX" in text
+    assert "APPROX" not in text.upper()
     if dialect == "spark":
-        assert "PERCENTILE_APPROX" in text and "INTERVAL" in text
+        assert "PERCENTILE(m1, 0.99)" in text and "UNIX_TIMESTAMP(u.first_ts)" in text
+    if dialect == "bigquery":
+        # An analytic function there: one value repeated on every row, of which the caps keep one.
+        assert "PERCENTILE_CONT(m1, 0.99) OVER ()" in text and "LIMIT 1" in text
+        assert "UNIX_SECONDS(u.first_ts)" in text
     if dialect == "trino":
-        assert "ARBITRARY(unit)" in text
+        assert "ARBITRARY(unit)" in text and "PERCENTILE" not in text
 
 
 def test_transpiled_duckdb_sql_gives_the_same_rows(synthetic_lake: Path) -> None:
@@ -360,7 +375,11 @@ def test_cli_analyze_errors_are_one_line_not_a_traceback(tmp_path: Path) -> None
     out = _twofold("analyze", str(EXAMPLE), "--lake", str(tmp_path / "missing"), "--out", str(tmp_path))
     assert out.returncode == 1 and "does not exist" in out.stderr and "Traceback" not in out.stderr
     out = _twofold("analyze", str(EXAMPLE), "--sql", "spark")
-    assert out.returncode == 0 and "PERCENTILE_APPROX" in out.stdout
+    assert out.returncode == 0 and "PERCENTILE(m1, 0.99)" in out.stdout and "APPROX" not in out.stdout
+    out = _twofold("analyze", str(EXAMPLE), "--sql", "trino")
+    assert out.returncode == 2 and "Trino has no exact percentile" in out.stderr and "Traceback" not in out.stderr
+    out = _twofold("analyze", str(EXAMPLE), "--threads", "2", "--engine", "spark")
+    assert out.returncode == 2 and "--spark-conf" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_cli_stats_prints_the_results_document() -> None:
