@@ -159,6 +159,31 @@ def _day(value: Any) -> dt.date:
     return value.date() if isinstance(value, dt.datetime) else value
 
 
+@dataclass(frozen=True)
+class Statistics:
+    """What the three SQL steps returned: rows per variant and day, the percentile caps, the statements."""
+
+    rows: list[dict[str, Any]]
+    caps: dict[str, float | None]
+    steps: list[str]
+
+
+def sufficient_statistics(tables: LakeSession, config: ExperimentConfig) -> Statistics:
+    """Run the three steps of `analysis_worker.engine` on an open lake; `LakeError` if the engine fails."""
+    steps = [per_unit_query(config)]
+    tables.materialize("per_unit", steps[0])
+    caps: dict[str, float | None] = {}
+    caps_sql = caps_query(config)
+    if caps_sql is not None:
+        steps.append(caps_sql)
+        (row,) = tables.rows(caps_sql)
+        caps = {col: None if row[f"cap_{col}"] is None else float(row[f"cap_{col}"])
+                for col in percentile_caps(config)}
+    steps.append(statistics_query(config, caps))
+    rows = [dict(r, day=_day(r["day"])) for r in tables.rows(steps[-1])]
+    return Statistics(rows=rows, caps=caps, steps=steps)
+
+
 def analyze(experiment: str | Path | Mapping[str, Any] | ExperimentConfig, lake: str | Path, *,
             now: dt.datetime | None = None, threads: int | None = None,
             memory_limit: str | None = None, engine: str | Engine = "duckdb") -> Analysis:
@@ -194,18 +219,11 @@ def analyze(experiment: str | Path | Mapping[str, Any] | ExperimentConfig, lake:
         scanned = 0
         try:
             scanned = tables.row_count("exposures") + tables.row_count("events")
-            tables.materialize("per_unit", steps[0])
-            caps: dict[str, float | None] = {}
-            caps_sql = caps_query(config)
-            if caps_sql is not None:
-                steps.append(caps_sql)
-                (row,) = tables.rows(caps_sql)
-                caps = {col: None if row[f"cap_{col}"] is None else float(row[f"cap_{col}"])
-                        for col in percentile_caps(config)}
-            steps.append(statistics_query(config, caps))
-            rows = [dict(r, day=_day(r["day"])) for r in tables.rows(steps[-1])]
+            statistics = sufficient_statistics(tables, config)
         except LakeError as exc:
             return failed(f"reading the lake failed: {exc}", scanned)
+        steps[:] = statistics.steps
+        rows, caps = statistics.rows, statistics.caps
         excluded = {r["variant"]: int(r["n"]) for r in rows if r["variant"] in (MULTIPLE, UNKNOWN)}
         data = [r for r in rows if r["variant"] not in (MULTIPLE, UNKNOWN)]
         if not data:

@@ -16,6 +16,7 @@ class DuckDBLake:
     def __init__(self, tables: LakeTables) -> None:
         self._tables = tables
         self.present = tables.present
+        self.connection = tables.connection
 
     def rows(self, query: str) -> list[dict[str, Any]]:
         try:

@@ -95,6 +95,7 @@ class SparkLake:
         self._session = session
         self.present = present
         self._cached: list[str] = []
+        self._persisted: list[Any] = []
         self._errors = _spark_errors()
 
     def rows(self, query: str) -> list[dict[str, Any]]:
@@ -104,9 +105,21 @@ class SparkLake:
             raise LakeError(_message(exc)) from exc
 
     def materialize(self, name: str, query: str) -> None:
-        # CACHE TABLE computes the result now and keeps it in executor memory (spilling to disk).
+        """Compute the result now and keep it on the executors (memory, then disk).
+
+        A local checkpoint, not `CACHE TABLE`: Spark finds a cached table by comparing query plans,
+        and a plan with ANY_VALUE (nondeterministic to Spark) never compares equal, so every later
+        query recomputed the per-unit table from the lake. Spark Connect (3.5) has no checkpoints.
+        """
         try:
-            self._session.sql(f"CACHE TABLE {name} AS {transpile(query, 'spark')}")
+            frame = self._session.sql(transpile(query, "spark"))
+            if hasattr(frame, "localCheckpoint"):
+                frame = frame.localCheckpoint(eager=True)
+            else:
+                frame = frame.persist()
+                frame.count()
+                self._persisted.append(frame)
+            frame.createOrReplaceTempView(name)
         except self._errors as exc:
             raise LakeError(_message(exc)) from exc
         self._cached.append(name)
@@ -116,9 +129,11 @@ class SparkLake:
 
     def close(self) -> None:
         for name in self._cached:
-            self._session.sql(f"UNCACHE TABLE IF EXISTS {name}")
             self._session.catalog.dropTempView(name)
+        for frame in self._persisted:
+            frame.unpersist()
         self._cached.clear()
+        self._persisted.clear()
 
 
 class SparkEngine:

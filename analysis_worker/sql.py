@@ -58,8 +58,17 @@ def timestamp(value: dt.datetime) -> str:
     return f"CAST({quote(value.astimezone(dt.UTC).strftime('%Y-%m-%d %H:%M:%S.%f+00:00'))} AS TIMESTAMPTZ)"
 
 
-def _interval(seconds: int) -> str:
-    return f"INTERVAL '{int(seconds)}' SECOND"
+MICROS = 1_000_000
+
+
+def epoch_us(column: str) -> str:
+    """Microseconds since the epoch (DuckDB's EPOCH_US; `transpile` spells it per dialect).
+
+    Window bounds are computed on these integers, not with `ts + INTERVAL ...`: Spark adds the
+    day part of an interval in the session time zone, so a 7-day window across a daylight-saving
+    change there is 167 or 169 hours long.
+    """
+    return f"EPOCH_US({column})"
 
 
 def _names(events: tuple[str, ...]) -> str:
@@ -75,7 +84,7 @@ def _codes(experiment: ExperimentConfig) -> dict[str, int]:
 def _bound(offset: int) -> str:
     """The column of `assigned` holding first exposure + `offset` seconds."""
     if offset == 0:
-        return "a.first_ts"
+        return "a.first_us"
     return f"a.after_{offset}" if offset > 0 else f"a.before_{-offset}"
 
 
@@ -109,8 +118,8 @@ class _Windows:
         return self.offsets.index(offset) + 1
 
     def bounds(self) -> list[str]:
-        """The per-unit columns of `assigned` besides first_ts: first_ts +/- each offset."""
-        return [f"first_ts {'+' if o > 0 else '-'} {_interval(abs(o))} AS {_bound(o)[2:]}" for o in self.offsets if o]
+        """The per-unit columns of `assigned` besides first_us: first_us +/- each offset (microseconds)."""
+        return [f"first_us {'+' if o > 0 else '-'} {abs(o) * MICROS} AS {_bound(o)[2:]}" for o in self.offsets if o]
 
     def earliest(self, start: dt.datetime) -> list[str]:
         """Conditions on the events table alone: no unit is exposed before `start`, so an event of a
@@ -125,7 +134,7 @@ class _Windows:
 
     def relevant(self) -> str:
         """An event's time is within the union of the windows its name is measured in."""
-        return f"e.ts >= {self._per_code(self.lower)} AND e.ts < {self._per_code(self.upper)}"
+        return f"e.us >= {self._per_code(self.lower)} AND e.us < {self._per_code(self.upper)}"
 
     def _per_code(self, offsets: dict[int, int]) -> str:
         common = max(set(offsets.values()), key=list(offsets.values()).count)
@@ -139,7 +148,7 @@ class _Windows:
 
     def zone_expression(self) -> str:
         """The zone of a relevant event (after the relevance filter: 1 .. len(offsets) - 1)."""
-        cases = " ".join(f"WHEN e.ts >= {_bound(self.offsets[z - 1])} THEN {z}"
+        cases = " ".join(f"WHEN e.us >= {_bound(self.offsets[z - 1])} THEN {z}"
                          for z in range(len(self.offsets) - 1, 1, -1))
         return f"CASE {cases} ELSE 1 END"
 
@@ -228,7 +237,8 @@ def _day(column: str) -> str:
     86,400 of them.
     """
     # The outer CAST keeps a DATE where sqlglot writes DuckDB's DATE_ADD as `date + INTERVAL` (a timestamp).
-    return f"CAST(DATE_ADD(CAST('1970-01-01' AS DATE), CAST(FLOOR(EPOCH({column}) / 86400) AS INTEGER)) AS DATE)"
+    days = f"CAST(FLOOR({epoch_us(column)} / {86_400 * MICROS}) AS INTEGER)"
+    return f"CAST(DATE_ADD(CAST('1970-01-01' AS DATE), {days}) AS DATE)"
 
 
 def _partitions(first: dt.datetime, last: dt.datetime | None) -> str:
@@ -295,13 +305,13 @@ units AS (
   GROUP BY unit
 ),
 assigned AS (
-  SELECT unit, first_ts, {', '.join(bounds)}
+  SELECT unit, {epoch_us('first_ts')} AS first_us, {', '.join(bounds)}
   FROM units WHERE variant = last_variant AND variant >= 0
 ),
 relevant AS (
   SELECT e.event_id, e.unit, e.code{zone}, e.value
   FROM (
-    SELECT event_id, unit, CASE name {code_case} END AS code, ts, COALESCE(value, 0) AS value
+    SELECT event_id, unit, CASE name {code_case} END AS code, {epoch_us('ts')} AS us, COALESCE(value, 0) AS value
     FROM events
     WHERE {' AND '.join(event_where)}
   ) AS e
@@ -450,11 +460,16 @@ def _exact_percentiles(tree: exp.Expression, dialect: str) -> exp.Expression:
     return tree
 
 
-def _epoch_seconds(node: exp.Expression, dialect: str) -> exp.Expression:
-    """sqlglot writes TIME_TO_UNIX for BigQuery, which has no such function: UNIX_SECONDS is its name."""
-    if dialect == "bigquery" and isinstance(node, exp.TimeToUnix):
-        return exp.Anonymous(this="UNIX_SECONDS", expressions=[node.this])
-    return node
+def _epoch_micros(node: exp.Expression, dialect: str) -> exp.Expression:
+    """DuckDB's EPOCH_US in the other dialects (sqlglot leaves it as it is)."""
+    if not (isinstance(node, exp.Anonymous) and str(node.this).upper() == "EPOCH_US") or dialect == "duckdb":
+        return node
+    (column,) = node.expressions
+    if dialect in ("spark", "bigquery"):
+        return exp.Anonymous(this="UNIX_MICROS", expressions=[column])
+    # Trino: seconds as a double; a microsecond timestamp of this century is within 0.2 us of it.
+    seconds = exp.Anonymous(this="TO_UNIXTIME", expressions=[column])
+    return exp.cast(exp.Round(this=exp.Mul(this=seconds, expression=exp.Literal.number(MICROS))), "BIGINT")
 
 
 def transpile(query: str, dialect: str) -> str:
@@ -471,5 +486,5 @@ def transpile(query: str, dialect: str) -> str:
     tree = tree.transform(
         lambda node: node.this if isinstance(node, exp.IgnoreNulls) and isinstance(node.this, exp.AnyValue) else node)
     tree = _exact_percentiles(tree, dialect)
-    tree = tree.transform(lambda node: _epoch_seconds(node, dialect))
+    tree = tree.transform(lambda node: _epoch_micros(node, dialect))
     return tree.sql(dialect=dialect, pretty=True)
