@@ -204,10 +204,6 @@ def test_spark_names_a_corrupt_file_and_a_missing_lake(spark_engine: Any, lake: 
     assert "broken.parquet" in result.error and "\tat " not in result.error
     missing = analyze(EXAMPLE, tmp_path / "nowhere", engine=spark_engine)
     assert missing.error is not None and "does not exist" in missing.error
-    (tmp_path / "no-events" / "exposures").mkdir(parents=True)
-    shutil.copytree(lake / "exposures", tmp_path / "no-events" / "exposures", dirs_exist_ok=True)
-    partial = analyze(EXAMPLE, tmp_path / "no-events", engine=spark_engine, now=LATER)
-    assert partial.error is None and any("no events table" in w for w in partial.document["warnings"])
 
 
 def test_cli_analyze_with_the_spark_engine(spark_engine: Any, lake: Path, tmp_path: Path,
