@@ -7,22 +7,24 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from assignment_server.materializations import StickyStore
 from assignment_server.service import SERVICE_NAME, FlagResolverServicer, add_to_server
 from assignment_server.state_source import StateSource
 from assignment_server.tokens import TokenCodec, load_key
 from twofold.lake import LakeWriter
-from twofold.resolver import InMemoryMaterializations, MaterializationStore, SqliteMaterializations
+from twofold.resolver import open_store
 from twofold.server import RunningServer, ServiceRegistration, ServiceSetup
 from twofold.settings import ServerSettings
 
 log = logging.getLogger("twofold.assignment")
 
 
-def open_materializations(spec: str | None, lake: str) -> MaterializationStore:
-    if spec == "memory":
-        return InMemoryMaterializations()
-    path = Path(spec) if spec else Path(lake).resolve().parent / "materializations.sqlite"
-    return SqliteMaterializations(path)
+def open_materializations(args: argparse.Namespace) -> StickyStore:
+    """The sticky-assignment store `--materializations` names (default: SQLite beside the lake)."""
+    spec = getattr(args, "materializations", None) or str(Path(args.lake).resolve().parent / "materializations.sqlite")
+    store = open_store(spec, timeout=getattr(args, "materializations_timeout", None))
+    return StickyStore(store, timeout=getattr(args, "materializations_timeout", None),
+                       cache_size=getattr(args, "materializations_cache", 100_000))
 
 
 def build_setup(args: argparse.Namespace) -> Callable[[ServerSettings], Awaitable[ServiceSetup]]:
@@ -39,11 +41,11 @@ def build_setup(args: argparse.Namespace) -> Callable[[ServerSettings], Awaitabl
         events = LakeWriter(args.lake, "events")
         await exposures.start()
         await events.start()
-        store = open_materializations(getattr(args, "materializations", None), args.lake)
+        store = open_materializations(args)
         servicer = FlagResolverServicer(source, exposures, events, TokenCodec(key), store)
         log.info("assignment server ready", extra={"fields": {
             "flags": str(args.flags), "lake": str(args.lake), "generation": served.generation,
-            "token_key": origin}})
+            "token_key": origin, "materializations": store.store.describe()}})
 
         async def on_started(_running: RunningServer) -> None:
             source.start()
@@ -52,9 +54,7 @@ def build_setup(args: argparse.Namespace) -> Callable[[ServerSettings], Awaitabl
             await source.stop()
             await exposures.close()
             await events.close()
-            close = getattr(store, "close", None)
-            if close is not None:
-                close()
+            store.close()
 
         return ServiceSetup(
             services=[ServiceRegistration(SERVICE_NAME, servicer, add_to_server)],

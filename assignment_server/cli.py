@@ -17,15 +17,36 @@ DEFAULT_PORT = 50051
 
 # -- serve-assignment ---------------------------------------------------------------------------
 
+def _store_spec(value: str) -> str:
+    """A SQLite path, `memory`, or a redis:// / rediss:// URL; another scheme is refused at parse time."""
+    scheme, sep, _ = value.partition("://")
+    if sep and scheme not in ("redis", "rediss", "unix"):
+        raise argparse.ArgumentTypeError(f"unsupported store {scheme}://; use a SQLite path, 'memory', "
+                                         "redis://host:port/db or rediss://")
+    return value
+
+
+def _float_or_none(value: str | None) -> float | None:
+    return None if value in (None, "") else float(value)
+
+
 def _configure_serve(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("assignment server")
     g.add_argument("--flags", default=env_default("flags", None), required=env_default("flags", None) is None,
                    help="folder of flag YAML files, or a Confidence JSON state file [TWOFOLD_FLAGS]")
     g.add_argument("--lake", default=env_default("lake", "data/lake"),
                    help="lake root for exposures and events [TWOFOLD_LAKE]")
-    g.add_argument("--materializations", default=env_default("materializations", None),
-                   help="SQLite file for sticky assignments (default <lake>/../materializations.sqlite), "
-                        "or 'memory' [TWOFOLD_MATERIALIZATIONS]")
+    g.add_argument("--materializations", default=env_default("materializations", None), type=_store_spec,
+                   help="store for sticky assignments: a SQLite file (default <lake>/../materializations.sqlite), "
+                        "redis://host:port/db or rediss:// (shared by all replicas; password in "
+                        "TWOFOLD_MATERIALIZATIONS_PASSWORD), or 'memory' [TWOFOLD_MATERIALIZATIONS]")
+    g.add_argument("--materializations-timeout", type=float,
+                   default=_float_or_none(env_default("materializations_timeout", None)),
+                   help="seconds one store call may take before the resolve is served without the store "
+                        "(default 0.25 for Redis, 5 for SQLite) [TWOFOLD_MATERIALIZATIONS_TIMEOUT]")
+    g.add_argument("--materializations-cache", type=int,
+                   default=int(env_default("materializations_cache", "100000") or 100000),
+                   help="stored assignments cached per process (LRU; 0 disables) [TWOFOLD_MATERIALIZATIONS_CACHE]")
     g.add_argument("--token-key", default=None,
                    help="base64 of 32 random bytes sealing resolve tokens [TWOFOLD_TOKEN_KEY]; "
                         "generated at startup when absent (tokens then die with the process)")

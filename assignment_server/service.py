@@ -23,6 +23,7 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 from prometheus_client import Counter
 
+from assignment_server.materializations import StickyStore
 from assignment_server.state_source import Served, StateSource
 from assignment_server.tokens import InvalidTokenError, TokenAssignment, TokenCodec, new_token
 from protos.twofold.assignment.v1 import assignment_pb2 as pb
@@ -32,7 +33,6 @@ from twofold.lake import LakeWriter
 from twofold.resolver import (
     MAX_FLAGS_PER_RESOLVE,
     STATE_MEDIA_TYPE,
-    MaterializationStore,
     Reason,
     ResolvedFlag,
     Resolver,
@@ -138,7 +138,7 @@ def normalize_flag(name: str) -> str:
 
 class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
     def __init__(self, source: StateSource, exposures: LakeWriter, events: LakeWriter, tokens: TokenCodec,
-                 materializations: MaterializationStore | None) -> None:
+                 materializations: StickyStore | None) -> None:
         self.source = source
         self.exposures = exposures
         self.events = events
@@ -175,7 +175,7 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
         """Drop caches built for an older state (their values belong to it)."""
         if served.generation != self._cache_generation:
             self._messages = {}
-            self._resolver_cache = Resolver(served.state, self.materializations)
+            self._resolver_cache = Resolver(served.state)
             self._cache_generation = served.generation
 
     def _resolver(self, served: Served) -> Resolver:
@@ -256,7 +256,12 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
                                 f"unknown flag(s) for this client: {', '.join(sorted(set(missing))[:20])}")
         ctx = struct_to_dict(request.evaluation_context)
         try:
-            resolution = self._resolver(served).resolve_request(names, ctx, request.client_secret)
+            resolver = self._resolver(served)
+            if self.materializations is None:
+                resolution = resolver.resolve_request(names, ctx, request.client_secret)
+            else:  # reads and writes stored assignments off the loop, within the call's deadline
+                resolution = await self.materializations.resolve(resolver, names, ctx, request.client_secret,
+                                                                 context.time_remaining())
         except TooManyFlagsError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         results = resolution.flags

@@ -9,9 +9,14 @@
     bench.common's closed-loop generator. A third server, the echo behind the shared Twofold
     runtime (metrics, health, limits), shows how much of the gap every Twofold server pays.
 (c) Durable TrackEvents ingest with batches of 100 (acknowledged = fsynced write-ahead log).
+(d) Sticky assignments: ResolveFlags on a sticky experiment rule against the same rule without
+    materializations, with the store in a real `redis-server` (started here, loopback, AOF off)
+    and in SQLite: units in the pod's cache (no store call), returning units with the cache off
+    (one pipelined read), and new units (a read and a first-write-wins write).
 
     python -m bench.assignment            # full run
     python -m bench.assignment --quick    # smoke run
+    python -m bench.assignment --only sticky [--quick]
 """
 
 from __future__ import annotations
@@ -45,6 +50,21 @@ rules:
     experiment: {allocation: 60%, arms: {static: 1, model: 1, bandit: 1}}
 """
 
+# The same experiment twice, one sticky: (d) compares them on one server.
+STICKY_YAML = """
+flag: plain-exp
+variants: {a: {x: 1}, b: {x: 2}}
+rules:
+  - name: exp
+    experiment: {allocation: 100%, arms: {a: 1, b: 1}}
+---
+flag: sticky-exp
+variants: {a: {x: 1}, b: {x: 2}}
+rules:
+  - name: exp
+    experiment: {allocation: 100%, arms: {a: 1, b: 1}, sticky: true}
+"""
+
 GROWTHBOOK_FEATURES = {"home-ranking": {
     "defaultValue": {"system": "static", "layout": "popular"},
     "rules": [
@@ -60,6 +80,7 @@ def _flags_dir(root: Path) -> Path:
     folder = root / "flags"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "home-ranking.yaml").write_text(FLAG_YAML)
+    (folder / "sticky.yaml").write_text(STICKY_YAML)
     return folder
 
 
@@ -183,14 +204,101 @@ async def bench_grpc(ports: dict[str, int], pids: dict[str, int], quick: bool) -
             await channel.close()
 
 
+async def bench_sticky(ports: dict[str, int], pids: dict[str, int], quick: bool) -> None:
+    import itertools
+
+    import grpc
+
+    from assignment_server.authoring.compiler import DEFAULT_CLIENT_SECRET
+    from protos.twofold.assignment.v1 import assignment_pb2 as pb
+    from protos.twofold.assignment.v1 import assignment_pb2_grpc as pb_grpc
+
+    channels = {name: grpc.aio.insecure_channel(f"127.0.0.1:{port}") for name, port in ports.items()}
+    stubs = {name: pb_grpc.FlagResolverServiceStub(c) for name, c in channels.items()}
+
+    def request(flag: str, unit: str) -> pb.ResolveFlagsRequest:
+        r = pb.ResolveFlagsRequest(flags=[flag], client_secret=DEFAULT_CLIENT_SECRET)
+        r.evaluation_context.update({"targeting_key": unit})
+        return r
+
+    pool = [f"returning-{i}" for i in range(1000)]
+    try:
+        for stub in stubs.values():  # every returning unit stored (and cached where there is a cache)
+            for unit in pool:
+                await stub.ResolveFlags(request("flags/sticky-exp", unit))
+        plain = [request("flags/plain-exp", u) for u in pool]
+        sticky = [request("flags/sticky-exp", u) for u in pool]
+        fresh = itertools.count()
+
+        def cycling(stub: pb_grpc.FlagResolverServiceStub, requests: list) -> object:
+            it = itertools.cycle(requests)
+            return lambda: stub.ResolveFlags(next(it))
+
+        def new_units(stub: pb_grpc.FlagResolverServiceStub, tag: str) -> object:
+            return lambda: stub.ResolveFlags(request("flags/sticky-exp", f"new-{tag}-{next(fresh)}"))
+
+        calls = {
+            "no materializations": cycling(stubs["redis"], plain),
+            "redis, cached": cycling(stubs["redis"], sticky),
+            "redis, read": cycling(stubs["redis nocache"], sticky),
+            "redis, read+write": new_units(stubs["redis nocache"], "r"),
+            "sqlite, read": cycling(stubs["sqlite nocache"], sticky),
+            "sqlite, read+write": new_units(stubs["sqlite nocache"], "s"),
+        }
+        server_of = {"no materializations": "redis", "redis, cached": "redis", "redis, read": "redis nocache",
+                     "redis, read+write": "redis nocache", "sqlite, read": "sqlite nocache",
+                     "sqlite, read+write": "sqlite nocache"}
+        print("(d) ResolveFlags on a sticky experiment rule vs the same rule without materializations")
+        rows = []
+        for concurrency in (1, 32):
+            total = (300 if quick else 1000) * (1 if concurrency == 1 else 2)
+            got, paired, cpu = await _rounds(calls, {n: pids[server_of[n]] for n in calls}, concurrency, total,
+                                             3 if quick else 5)
+            base = got["no materializations"]
+            for name, r in got.items():
+                rows.append((name, concurrency, r.p50_us, r.p99_us, r.throughput, f"{r.p50_us / base.p50_us:.2f}x",
+                             f"{paired[name]:.2f}x", cpu[name] * 1e6))
+        print_table(rows, ("rule / store", "conc", "p50 us", "p99 us", "calls/s", "p50 vs plain",
+                           "paired p50 ratio", "server CPU us/call"))
+    finally:
+        for channel in channels.values():
+            await channel.close()
+
+
+def run_sticky(root: Path, quick: bool, local: list[str]) -> None:
+    from tests.redis_server import RedisServer
+
+    redis = RedisServer(root / "redis", persistent=False)
+    flags = str(_flags_dir(root))
+
+    def assignment(name: str, store: str, *extra: str) -> tuple:
+        return spawn(["serve-assignment", "--flags", flags, "--lake", str(root / name / "lake"),
+                      "--materializations", store, "--log-level", "error", *extra, *local])
+
+    servers = {"redis": assignment("redis", redis.url),
+               "redis nocache": assignment("redis-nocache", redis.url, "--materializations-cache", "0"),
+               "sqlite nocache": assignment("sqlite", str(root / "m.sqlite"), "--materializations-cache", "0")}
+    try:
+        asyncio.run(bench_sticky({name: info["port"] for name, (_, info) in servers.items()},
+                                 {name: proc.pid for name, (proc, _) in servers.items()}, quick))
+    finally:
+        for proc, _ in servers.values():
+            stop(proc)
+        redis.kill()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", choices=["sticky"], help="run only part (d)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        bench_in_process(root, args.quick)
         local = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1"]
+        if args.only == "sticky":
+            run_sticky(root, args.quick, local)
+            return
+        bench_in_process(root, args.quick)
         servers = {
             "bare echo": spawn(["serve-echo", "--bare", *local]),
             "runtime echo": spawn(["serve-echo", *local]),
@@ -203,6 +311,7 @@ def main() -> None:
         finally:
             for proc, _ in servers.values():
                 stop(proc)
+        run_sticky(root, args.quick, local)
 
 
 if __name__ == "__main__":

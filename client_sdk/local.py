@@ -81,13 +81,14 @@ class LocalState:
         return True
 
     def needs_server(self, flags: Sequence[str]) -> list[str]:
-        """The flags (short names) that only the server can resolve: sticky experiments read and
-        write stored assignments (materializations), which live with the server."""
+        """The flags (short names) that only the server can resolve: sticky experiments, and
+        targeting on materialized segments without a Bloom filter, read stored assignments
+        (materializations), which live with the server (`ResolverState.flags_needing_store`)."""
         current = self._current
         if current is None:
             return []
-        state_flags = current.compiled.state.flags
-        return [f for f in flags if (flag := state_flags.get(f"flags/{f}")) is not None and flag.uses_materializations]
+        remote = current.compiled.state.flags_needing_store
+        return [f for f in flags if f"flags/{f}" in remote]
 
     def resolve(self, flags: Sequence[str], context: Mapping[str, Any]) -> list[dict[str, Any]] | None:
         """Resolved flags as dicts (ResolvedFlag field names), or None before the first state.

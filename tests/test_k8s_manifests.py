@@ -339,3 +339,25 @@ def test_image_and_manifests_agree() -> None:
             container = _container(deployment)
             assert "command" not in container, "the image's ENTRYPOINT (twofold) runs the subcommand in args"
             assert {p["containerPort"] for p in container["ports"]} <= exposed
+
+
+def test_prod_keeps_sticky_assignments_in_redis_from_a_secret() -> None:
+    """Every prod replica reads and writes one Redis (URL and password from the Secret
+    twofold-redis, never rendered) and may reach it; dev keeps the per-pod SQLite file."""
+    for overlay in OVERLAYS:
+        docs = render(overlay)
+        deployment = one(docs, "Deployment", "assignment-server")
+        args, env = _container(deployment)["args"], _env(docs, deployment)
+        base_args = _container(one(render("dev"), "Deployment", "assignment-server"))["args"]
+        if overlay == "prod":
+            assert "--materializations" not in args  # a flag would override the environment
+            assert args == [a for i, a in enumerate(base_args) if "--materializations" not in base_args[i - 1:i + 1]]
+            assert env["TWOFOLD_MATERIALIZATIONS"] == "<secret twofold-redis/url>"
+            assert env["TWOFOLD_MATERIALIZATIONS_PASSWORD"] == "<secret twofold-redis/password>"
+            labels = _pod_labels(deployment)
+            egress = {port["port"] for p in find(docs, "NetworkPolicy") if _selects(p["spec"]["podSelector"], labels)
+                      for rule in p["spec"].get("egress", []) for port in rule.get("ports", [])}
+            assert {6379, 6380} <= egress
+        else:
+            assert _arg(args, "--materializations").endswith(".sqlite")
+            assert "TWOFOLD_MATERIALIZATIONS" not in env

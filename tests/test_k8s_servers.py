@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.k8s_support import ROOT, Manifest, documented_metrics, family_of, one, render, used_metric_names
+from tests.redis_server import RedisServer
 from twofold.cli import load_command
 
 SHARED_PREFIXES = ("grpc_server_",)
@@ -43,7 +44,20 @@ CLIENT_SECRET = "k8s-test-client-secret"
 TEST_SECRETS = {
     ("twofold-assignment", "token-key"): base64.b64encode(os.urandom(32)).decode(),
     ("twofold-assignment", "client-secret-backend"): CLIENT_SECRET,
+    # twofold-redis/url: the real redis-server `prod_redis` starts; no password on loopback.
+    ("twofold-redis", "password"): "",
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prod_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The prod overlay keeps sticky assignments in Redis: a real one for the deployed server."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    TEST_SECRETS[("twofold-redis", "url")] = server.url
+    try:
+        yield
+    finally:
+        server.kill()
 
 
 @dataclass(frozen=True)

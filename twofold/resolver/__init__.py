@@ -27,6 +27,7 @@ from twofold.resolver.materializations import (
     MaterializationRecord,
     MaterializationStore,
     SqliteMaterializations,
+    open_store,
 )
 from twofold.resolver.resolve import (
     MAX_FLAGS_PER_RESOLVE,
@@ -38,6 +39,7 @@ from twofold.resolver.resolve import (
     Resolver,
 )
 from twofold.resolver.state import STATE_MEDIA_TYPE, Bitset, Client, Flag, ResolverState, encode_bitset
+from twofold.resolver.sticky import MaterializationCache, resolve_steps
 
 __all__ = [
     "ALLOCATION_BUCKETS",
@@ -49,6 +51,7 @@ __all__ = [
     "FallthroughAssignment",
     "Flag",
     "InMemoryMaterializations",
+    "MaterializationCache",
     "MaterializationRecord",
     "MaterializationStore",
     "Reason",
@@ -67,4 +70,6 @@ __all__ = [
     "bucket",
     "encode_bitset",
     "hash_key",
+    "open_store",
+    "resolve_steps",
 ]

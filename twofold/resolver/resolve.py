@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from twofold.resolver.bucketing import allocation_bucket, arm_bucket
 from twofold.resolver.errors import (
@@ -29,6 +29,7 @@ from twofold.resolver.errors import (
 )
 from twofold.resolver.materializations import MaterializationRecord, MaterializationStore
 from twofold.resolver.state import Assignment, Client, Flag, ResolverState, Rule, Segment
+from twofold.resolver.sticky import MaterializationCache, resolve_steps, run_sync
 
 MAX_FLAGS_PER_RESOLVE = 1000
 MAX_TARGETING_KEY_LENGTH = 100
@@ -87,6 +88,24 @@ class Resolution:
     materializations_to_write: list[MaterializationRecord] = field(default_factory=list)
 
 
+def normalize_request(flag_names: Iterable[str], evaluation_context: Mapping[str, Any] | None,
+                      ) -> tuple[list[str], dict]:
+    """Distinct flag names in order, and the context as a dict (what `Resolver.resolve_pass` takes)."""
+    if isinstance(flag_names, str):  # resolve("flags/x", ...) means one flag, not its characters
+        flag_names = [flag_names]
+    names = flag_names if type(flag_names) is list and len(flag_names) == 1 else list(dict.fromkeys(flag_names))
+    ctx = evaluation_context if isinstance(evaluation_context, dict) else dict(evaluation_context or {})
+    return names, ctx
+
+
+class MaterializationLookup(Protocol):
+    """What one resolve pass asks of stored assignments (answered without I/O by a StoreView)."""
+
+    def contains(self, materialization: str, unit: str) -> bool: ...
+
+    def variant(self, materialization: str, unit: str, rule: str) -> str | None: ...
+
+
 class _TargetingKeyError(Exception):
     pass
 
@@ -96,7 +115,7 @@ class _Evaluation:
 
     __slots__ = ("resolver", "store")
 
-    def __init__(self, resolver: Resolver, store: MaterializationStore | None) -> None:
+    def __init__(self, resolver: Resolver, store: MaterializationLookup | None) -> None:
         self.resolver = resolver
         self.store = store
 
@@ -131,20 +150,37 @@ class Resolver:
 
     def resolve_request(self, flag_names: Iterable[str], evaluation_context: Mapping[str, Any] | None,
                         client_secret: str, *, materializations: MaterializationStore | None = None,
-                        write_materializations: bool = True) -> Resolution:
+                        cache: MaterializationCache | None = None) -> Resolution:
         """Resolve and also return the client and the sticky assignments this resolve made.
 
         Raises UnknownClientError for an unknown secret and TooManyFlagsError above
-        MAX_FLAGS_PER_RESOLVE flags. With `write_materializations` the records are written to
-        the store (when there is one) before returning.
+        MAX_FLAGS_PER_RESOLVE flags. With a store (`materializations`, else the resolver's own),
+        stored assignments are read in batches and new ones written first-write-wins before
+        returning; what is served is what the store holds (`twofold.resolver.sticky`).
+        """
+        store = materializations if materializations is not None else self.materializations
+        names, ctx = normalize_request(flag_names, evaluation_context)
+        if store is None or not self.needs_store(names):
+            return self.resolve_pass(names, ctx, client_secret, None)
+        return run_sync(resolve_steps(self, names, ctx, client_secret, cache), store)
+
+    def needs_store(self, names: list[str]) -> bool:
+        """Whether resolving `names` (empty: all flags) may touch stored assignments; when not,
+        a single pass without a store gives the same result without the bookkeeping of store passes."""
+        need = self.state.flags_needing_store
+        return bool(need) and (not names or not need.isdisjoint(names))
+
+    def resolve_pass(self, names: list[str], ctx: dict, client_secret: str,
+                     lookup: MaterializationLookup | None) -> Resolution:
+        """One pass over the flags with `lookup` answering stored-assignment questions; no I/O.
+
+        `names` is a list of distinct flag names (empty: all the client's flags). Without a
+        lookup, flags that need stored assignments resolve with reason ERROR.
         """
         state = self.state
-        if isinstance(flag_names, str):  # resolve("flags/x", ...) means one flag, not its characters
-            flag_names = [flag_names]
         client = state.clients.get(client_secret)
         if client is None:
             raise UnknownClientError("client secret not found")
-        names = flag_names if type(flag_names) is list and len(flag_names) == 1 else list(dict.fromkeys(flag_names))
         client_name = client.name
         if names:
             all_flags = state.flags
@@ -155,13 +191,9 @@ class Resolver:
         if len(flags) > MAX_FLAGS_PER_RESOLVE:
             raise TooManyFlagsError(
                 f"at most {MAX_FLAGS_PER_RESOLVE} flags per resolve, this one would resolve {len(flags)}")
-        ctx = evaluation_context if isinstance(evaluation_context, dict) else dict(evaluation_context or {})
-        store = materializations if materializations is not None else self.materializations
-        ev = _Evaluation(self, store)
+        ev = _Evaluation(self, lookup)
         to_write: list[MaterializationRecord] = []
         results = [self._resolve_flag(flag, ctx, client, ev, to_write) for flag in flags]
-        if to_write and write_materializations and store is not None:
-            store.write(to_write)
         return Resolution(results, client, to_write)
 
     # -- internals ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ as bytes) and checks cross references, so a resolve never parses or validates an
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import hashlib
 import json
@@ -189,6 +190,28 @@ class ResolverState:
 
     def client(self, secret: str) -> Client | None:
         return self.clients.get(secret)
+
+    @functools.cached_property
+    def flags_needing_store(self) -> frozenset[str]:
+        """Flags whose resolution may need stored assignments, so only a server with a store resolves
+        them right: sticky rules (`Flag.uses_materializations`), and rules whose segment targets a
+        materialized segment that no Bloom filter of the state answers. Segment references are
+        followed conservatively: a referencing segment counts when any segment needs the store."""
+        def stored(segment: Segment) -> bool:
+            return any(m not in self.bloom_filters for m in segment.materialized_segments)
+
+        any_stored = any(stored(s) for s in self.segments.values())
+
+        def needs(flag: Flag) -> bool:
+            if flag.uses_materializations:
+                return True
+            for rule in flag.rules:
+                segment = self.segments.get(rule.segment)
+                if segment is not None and (stored(segment) or (segment.recursive and any_stored)):
+                    return True
+            return False
+
+        return frozenset(name for name, flag in self.flags.items() if needs(flag))
 
 
 def _as_named(items: Any, what: str) -> list[tuple[str, dict]]:
