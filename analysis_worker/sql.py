@@ -347,7 +347,7 @@ def caps_query(experiment: ExperimentConfig) -> str | None:
     """Step 2 (DuckDB dialect), only with percentile caps: one row, `cap_<column>` per capped column.
 
     Exact percentiles (linear interpolation between order statistics, as numpy's default) over the
-    units of the experiment. `transpile` spells them exactly in each dialect, or refuses.
+    units of the experiment. `transpile` spells them exactly in each dialect (Trino: from ranks).
     """
     caps = percentile_caps(experiment)
     if not caps:
@@ -430,22 +430,23 @@ def build_query(experiment: ExperimentConfig) -> str:
 
 
 class DialectError(ValueError):
-    """A step of the analysis has no exact spelling in the requested dialect."""
+    """A step of the analysis has no exact spelling in the requested dialect."""  # none today
 
 
 def _exact_percentiles(tree: exp.Expression, dialect: str) -> exp.Expression:
     """Spell each exact percentile (DuckDB's QUANTILE_CONT) the way `dialect` computes it exactly.
 
     sqlglot would map it to PERCENTILE_APPROX on Spark and leave an aggregate PERCENTILE_CONT for
-    BigQuery, where it is an analytic function only; Trino has no exact percentile at all.
+    BigQuery, where it is an analytic function only; Trino has no exact percentile at all, so
+    there it is computed from ranks (`ranked_percentiles`).
     """
     found = list(tree.find_all(exp.PercentileCont))
     if not found or dialect == "duckdb":
         return tree
     if dialect == "trino":
-        raise DialectError("Trino has no exact percentile function, so a `cap: {percentile: p}` cannot be "
-                           "computed there as Twofold does; cap at a fixed value (`cap: {value: x}`) or run "
-                           "the analysis with --engine duckdb|spark")
+        for select in {id(n.find_ancestor(exp.Select)): n.find_ancestor(exp.Select) for n in found}.values():
+            select.replace(ranked_percentiles(select))
+        return tree
     for node in found:
         if dialect == "spark":
             node.replace(exp.Anonymous(this="PERCENTILE", expressions=[node.this, node.expression]))
@@ -458,6 +459,32 @@ def _exact_percentiles(tree: exp.Expression, dialect: str) -> exp.Expression:
             if select is not None:
                 select.set("limit", exp.Limit(expression=exp.Literal.number(1)))
     return tree
+
+
+def ranked_percentiles(select: exp.Select) -> exp.Select:
+    """A `SELECT QUANTILE_CONT(col, p) AS name, ... FROM t WHERE w` as order statistics, for Trino.
+
+    Trino has no exact percentile (only `approx_percentile`), so each one is computed from its
+    definition: rank the values, take the ones at 0-based positions floor(h) and floor(h) + 1 for
+    h = p (n - 1), interpolate linearly (numpy's default, DuckDB's QUANTILE_CONT, Spark's
+    PERCENTILE). The ranking sorts all units of the experiment in one window.
+    """
+    source = f"FROM {select.find(exp.From).this.sql('duckdb')}"
+    if select.args.get("where") is not None:
+        source += f" WHERE {select.args['where'].this.sql('duckdb')}"
+    columns = []
+    for item in select.expressions:
+        percentile = item.this
+        if not isinstance(percentile, exp.PercentileCont):
+            raise DialectError(f"cannot rank {item.sql('duckdb')}")
+        col, level = percentile.this.sql("duckdb"), percentile.expression.sql("duckdb")
+        at = "MAX(CASE WHEN rn = FLOOR(h) + 1 THEN v END)"
+        after = f"COALESCE(MAX(CASE WHEN rn = FLOOR(h) + 2 THEN v END), {at})"
+        columns.append(
+            f"(SELECT {at} + MAX(h - FLOOR(h)) * ({after} - {at}) FROM (SELECT {col} AS v, "
+            f"ROW_NUMBER() OVER (ORDER BY {col}) AS rn, {level} * (COUNT(*) OVER () - 1) AS h {source}) AS ranked) "
+            f"AS {item.alias_or_name}")
+    return sqlglot.parse_one(f"SELECT {', '.join(columns)}", read="duckdb")
 
 
 def _epoch_micros(node: exp.Expression, dialect: str) -> exp.Expression:

@@ -174,6 +174,16 @@ def _peak_rss_mb(usage: resource.struct_rusage) -> float:
     return usage.ru_maxrss / 1024
 
 
+def _process_usage(pid: int) -> tuple[float, float]:
+    """CPU seconds and peak resident MB of another process of ours (Spark's JVM, which PySpark
+    starts and never waits for, so it never shows in RUSAGE_CHILDREN)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    peak = next((int(line.split()[1]) / 1024 for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                 if line.startswith("VmHWM:")), 0.0)
+    return cpu, peak
+
+
 def _child(path: str, lake: str, experiment: str, memory_limit: str | None) -> None:
     started = time.perf_counter()
     startup = 0.0
@@ -195,7 +205,8 @@ def _child(path: str, lake: str, experiment: str, memory_limit: str | None) -> N
         document = result.document
         html_bytes = len(result.html)
         elapsed = time.perf_counter() - started
-        engine.close()  # the JVM exits: its peak memory is then in RUSAGE_CHILDREN
+        jvm = _process_usage(engine.session.sparkContext._gateway.proc.pid)  # type: ignore[attr-defined]
+        engine.close()
     else:
         document = pandas_analyze(lake, experiment)
         html_bytes = 0
@@ -203,11 +214,12 @@ def _child(path: str, lake: str, experiment: str, memory_limit: str | None) -> N
         elapsed = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)
     peak_mb = _peak_rss_mb(usage)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if path != "spark":
+        jvm = (0.0, 0.0)
     summary = {m["metric"]: [(v["variant"], v["n"], v["mean"]) for v in m["variants"]] for m in document["metrics"]}
     print(json.dumps({"path": path, "seconds": elapsed, "peak_mb": peak_mb, "error": document.get("error"),
-                      "cpu_seconds": usage.ru_utime + usage.ru_stime + children.ru_utime + children.ru_stime,
-                      "startup_seconds": startup, "jvm_peak_mb": children.ru_maxrss / 1024,
+                      "cpu_seconds": usage.ru_utime + usage.ru_stime + jvm[0],
+                      "startup_seconds": startup, "jvm_peak_mb": jvm[1],
                       "load": os.getloadavg()[0],
                       "summary": summary, "recommendation": document["decision"]["recommendation"],
                       "html_bytes": html_bytes}))

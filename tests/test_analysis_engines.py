@@ -223,3 +223,26 @@ def test_cli_analyze_with_the_spark_engine(spark_engine: Any, lake: Path, tmp_pa
     _assert_documents_agree(documents["duckdb"], documents["spark"])
     # The CLI's engine found the fixture's session running and left it so.
     assert spark_engine.session.sql("SELECT 1 AS one").collect()[0]["one"] == 1
+
+
+def test_serve_analysis_worker_computes_on_spark(spark_engine: Any, lake: Path, tmp_path: Path) -> None:
+    """The scheduler's rounds run on the engine it was given, and stopping it closes that engine."""
+    import asyncio
+
+    from analysis_worker.engine_spark import SparkEngine
+    from analysis_worker.service import AnalysisWorker
+
+    borrowed = SparkEngine(session=spark_engine.session)  # not its session: closing it leaves it running
+    worker = AnalysisWorker([EXAMPLE], lake, out_dir=tmp_path, engine=borrowed)
+
+    async def one_round() -> None:
+        await worker.run_round()
+        await worker.stop()
+
+    asyncio.run(one_round())
+    state = worker.experiments["home-ranking-bandit"]
+    assert state.error == "" and state.analysis is not None
+    assert state.analysis.document["engine"] == "spark" and "error" not in state.analysis.document
+    written = json.loads((tmp_path / "home-ranking-bandit.json").read_text())
+    assert written["units"] == state.analysis.document["units"]
+    assert spark_engine.session.sql("SELECT 2 AS two").collect()[0]["two"] == 2
