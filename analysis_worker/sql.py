@@ -1,11 +1,15 @@
-"""One SQL query per experiment: exposures joined with events, reduced to sufficient statistics.
+"""The metric SQL: exposures joined with events, reduced to sufficient statistics.
 
-The query is written once, in DuckDB's dialect, against two tables named `exposures` and
-`events` with the columns of contract 3. DuckDB runs it on the lake's Parquet in place; `transpile`
-turns the same query into Spark, BigQuery or Trino SQL with sqlglot, for teams whose lake outgrew
-one machine (their output feeds `twofold stats`).
+Written once, in DuckDB's dialect, against two tables named `exposures` and `events` with the
+columns of contract 3 and their Hive partition column `date`. Engines (`analysis_worker.engine`)
+run it as three statements: `per_unit_query` (steps 1-5, kept as a table `per_unit`),
+`caps_query` (the exact percentile caps, one row) and `statistics_query` (step 7, with the caps
+inlined as literals). `build_query` joins the three into one statement, which `transpile` turns
+into Spark, BigQuery or Trino SQL with sqlglot, for teams who run it in their own warehouse (its
+output feeds `twofold stats`). Nothing depends on the session time zone: window bounds are
+integer microseconds since the epoch and days are UTC days counted from them.
 
-What the query does, in order:
+What the SQL does, in order:
 
 1. Exposures of the experiment's flag (and rule) within [start, end); each spelling of a variant
    (`flags/<flag>/variants/<v>` or `<v>`) maps to a small integer, anything else to -1.
@@ -27,9 +31,9 @@ What the query does, in order:
    units without any such event get zeros (the LEFT JOIN). Event names are small integer codes
    and each event carries the number of the zone between window bounds it falls in, so the
    per-event work in the aggregation is integer comparisons.
-6. Optional capping at a fixed value or at a percentile over all units of the experiment
-   (`PERCENTILE_CONT ... WITHIN GROUP`: exact on DuckDB and BigQuery; sqlglot maps it to
-   PERCENTILE_APPROX on Spark and APPROX_PERCENTILE on Trino, so caps there are approximate).
+6. Optional capping at a fixed value or at a percentile over all units of the experiment, exact
+   in every dialect (DuckDB QUANTILE_CONT, Spark PERCENTILE, BigQuery's analytic PERCENTILE_CONT,
+   Trino from ranks: see `transpile`).
 7. Per variant and first-exposure day: n, sums, sums of squares and cross products, so daily
    cumulative looks can be summed up without re-reading the lake.
 """
@@ -233,8 +237,8 @@ def _day(column: str) -> str:
 
     `CAST(ts AS DATE)` takes the day in the session's zone (Spark's `spark.sql.session.timeZone`,
     DuckDB's `TimeZone`), so a unit exposed at 02:00 UTC would land on the previous day in
-    America/Los_Angeles. Seconds since the epoch do not depend on any zone, and every UTC day is
-    86,400 of them.
+    America/Los_Angeles. Microseconds since the epoch do not depend on any zone, and every UTC day
+    is 86,400,000,000 of them.
     """
     # The outer CAST keeps a DATE where sqlglot writes DuckDB's DATE_ADD as `date + INTERVAL` (a timestamp).
     days = f"CAST(FLOOR({epoch_us(column)} / {86_400 * MICROS}) AS INTEGER)"
@@ -255,6 +259,29 @@ def _partitions(first: dt.datetime, last: dt.datetime | None) -> str:
     return where
 
 
+def _exposure_filter(experiment: ExperimentConfig) -> list[str]:
+    """The experiment's exposures: its flag (and rule) within [start, end), and their partitions."""
+    where = [f"flag IN ({_names(experiment.flag_names())})", f"ts >= {timestamp(experiment.start)}"]
+    if experiment.rule:
+        where.append(f"rule IN ({_names(experiment.rule_names())})")
+    if experiment.end is not None:
+        where.append(f"ts < {timestamp(experiment.end)}")
+    where.append(_partitions(experiment.start, experiment.end))
+    return where
+
+
+def _event_filter(experiment: ExperimentConfig) -> list[str]:
+    """Events of the metrics' names from the start of the longest covariate window to the end."""
+    all_events = tuple(dict.fromkeys(e for m in experiment.metrics for e in m.event_names))
+    longest_pre = max((m.cuped_window_seconds or 0 for m in experiment.metrics), default=0)
+    since = experiment.start - dt.timedelta(seconds=longest_pre)
+    where = [f"name IN ({_names(all_events)})", f"ts >= {timestamp(since)}"]
+    if experiment.end is not None:
+        where.append(f"ts < {timestamp(experiment.end)}")
+    where.append(_partitions(since, experiment.end))
+    return where
+
+
 def _excluded_label(units: str) -> str:
     return (f"CASE WHEN {units}.variant <> {units}.last_variant THEN {quote(MULTIPLE)} "
             f"WHEN {units}.variant < 0 THEN {quote(UNKNOWN)} END")
@@ -271,19 +298,8 @@ def _per_unit(experiment: ExperimentConfig) -> str:
     # Variants as small integers (-1: not in the definition) while grouping 10M exposures by unit.
     mapping = " ".join(f"WHEN {quote(full)} THEN {short_names.index(short)}" for full, short in names.items())
     unmap = " ".join(f"WHEN {i} THEN {quote(short)}" for i, short in enumerate(short_names))
-    where = [f"flag IN ({_names(experiment.flag_names())})", f"ts >= {timestamp(experiment.start)}"]
-    if experiment.rule:
-        where.append(f"rule IN ({_names(experiment.rule_names())})")
-    if experiment.end is not None:
-        where.append(f"ts < {timestamp(experiment.end)}")
-    where.append(_partitions(experiment.start, experiment.end))
-    all_events = tuple(dict.fromkeys(e for m in experiment.metrics for e in m.event_names))
-    longest_pre = max((m.cuped_window_seconds or 0 for m in experiment.metrics), default=0)
-    events_from = experiment.start - dt.timedelta(seconds=longest_pre)
-    event_where = [f"name IN ({_names(all_events)})", f"ts >= {timestamp(events_from)}"]
-    if experiment.end is not None:
-        event_where.append(f"ts < {timestamp(experiment.end)}")
-    event_where.append(_partitions(events_from, experiment.end))
+    where = _exposure_filter(experiment)
+    event_where = _event_filter(experiment)
     codes = _codes(experiment)
     code_case = " ".join(f"WHEN {quote(name)} THEN {code}" for name, code in codes.items())
     windows = _Windows(experiment, codes)
@@ -430,7 +446,7 @@ def build_query(experiment: ExperimentConfig) -> str:
 
 
 class DialectError(ValueError):
-    """A step of the analysis has no exact spelling in the requested dialect."""  # none today
+    """A step of the analysis has no exact spelling in the requested dialect."""
 
 
 def _exact_percentiles(tree: exp.Expression, dialect: str) -> exp.Expression:
