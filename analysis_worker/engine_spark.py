@@ -167,8 +167,10 @@ class SparkEngine:
         if self._session is None:
             active = None
             if not self.master.startswith("sc://"):
-                from pyspark.sql import SparkSession
-
+                try:
+                    from pyspark.sql import SparkSession
+                except ImportError as exc:
+                    raise LakeError("the Spark engine needs PySpark: pip install 'twofold[spark]'") from exc
                 active = SparkSession.getActiveSession()
             self._owns_session = active is None
             self._session = active if active is not None else self._start()
