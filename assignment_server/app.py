@@ -27,11 +27,17 @@ def open_materializations(args: argparse.Namespace) -> StickyStore:
                        cache_size=getattr(args, "materializations_cache", 100_000))
 
 
+def served_allocations_path(spec: str | None, lake: str) -> Path:
+    """Where the server records the allocation it serves (default: beside the lake)."""
+    return Path(spec) if spec else Path(lake).resolve().parent / "served-allocations.json"
+
+
 def build_setup(args: argparse.Namespace) -> Callable[[ServerSettings], Awaitable[ServiceSetup]]:
     """The `setup` for `twofold.server.run_service` (also used by tests with a Namespace)."""
 
     async def setup(settings: ServerSettings) -> ServiceSetup:
-        source = StateSource(args.flags, poll_interval=args.reload_interval)
+        source = StateSource(args.flags, poll_interval=args.reload_interval,
+                             served_lock=served_allocations_path(getattr(args, "served_allocations", None), args.lake))
         served = source.load_initial()
         key, origin = load_key(getattr(args, "token_key", None), getattr(args, "token_key_file", None))
         if origin == "generated at startup":

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from twofold.cli import Command
 from twofold.settings import add_server_arguments, env_default
+
+if TYPE_CHECKING:
+    from assignment_server.authoring.compiler import CompileResult
 
 log = logging.getLogger("twofold.assignment")
 DEFAULT_PORT = 50051
@@ -47,6 +50,10 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--materializations-cache", type=int,
                    default=int(env_default("materializations_cache", "100000") or 100000),
                    help="stored assignments cached per process (LRU; 0 disables) [TWOFOLD_MATERIALIZATIONS_CACHE]")
+    g.add_argument("--served-allocations", default=env_default("served_allocations", None),
+                   help="file where the server records the allocation it serves, so that no flag change, "
+                        "before or after a restart, moves units of running experiments (default "
+                        "<lake>/../served-allocations.json) [TWOFOLD_SERVED_ALLOCATIONS]")
     g.add_argument("--token-key", default=None,
                    help="base64 of 32 random bytes sealing resolve tokens [TWOFOLD_TOKEN_KEY]; "
                         "generated at startup when absent (tokens then die with the process)")
@@ -84,16 +91,17 @@ def _configure_flags(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     v = sub.add_parser("validate", help="check a flags folder; errors name the file and line")
     v.add_argument("dir")
-    v.add_argument("--strict", action="store_true", help="also fail on warnings (e.g. an out-of-date lock)")
+    v.add_argument("--strict", action="store_true", help="also fail on warnings (e.g. an unset secret_env)")
     c = sub.add_parser("compile", help="write the resolver state JSON a folder compiles to")
     c.add_argument("dir")
     c.add_argument("-o", "--output", default="-", help="output file, - for stdout")
-    lk = sub.add_parser("lock", help="update allocations.lock.json (commit it with the flag change)")
+    lk = sub.add_parser("lock", help="update allocations.lock.json (commit it with the flag change); refuses a "
+                                     "change that would move units of running experiments")
     lk.add_argument("dir")
 
 
 def _run_flags(args: argparse.Namespace) -> int:
-    from assignment_server.authoring.compiler import LOCK_FILE, compile_folder
+    from assignment_server.authoring.compiler import LOCK_FILE, compile_folder, write_lock
     from assignment_server.authoring.errors import FlagFileError
     from twofold.resolver import ResolverState, StateError
 
@@ -110,26 +118,44 @@ def _run_flags(args: argparse.Namespace) -> int:
         return 1
     if args.action == "lock":
         path = Path(args.dir) / LOCK_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result.lock, indent=1, sort_keys=True) + "\n")
-        tmp.replace(path)
+        write_lock(path, result.lock)
         for seg, entry in result.lock["segments"].items():
             print(f"{seg}: {entry['buckets']} buckets ({entry['permutation']})")
         print(f"wrote {path}")
         return 0
-    warnings = [w for w in result.warnings if not (args.action == "lock" and LOCK_FILE in w)]
-    for w in warnings:
-        print(f"warning: {w}", file=sys.stderr)
+    warnings = list(result.warnings)
+    lock_problem = _lock_problem(Path(args.dir), result)
     if args.action == "compile":
+        for w in warnings + ([lock_problem] if lock_problem else []):
+            print(f"warning: {w}", file=sys.stderr)
         data = result.state_json()
         if args.output == "-":
             sys.stdout.buffer.write(data + b"\n")
         else:
             Path(args.output).write_bytes(data)
         return 0
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if lock_problem:
+        # Without an up-to-date lock this check could not tell what the change moves, and replicas
+        # without a record of what they served would start from a different allocation.
+        print(f"error: {lock_problem}", file=sys.stderr)
+        return 1
     flags = len(result.state["flags"])
     print(f"ok: {flags} flag(s), {len(result.files)} file(s)")
     return 1 if (args.strict and warnings) else 0
+
+
+def _lock_problem(folder: Path, result: CompileResult) -> str | None:
+    """Why the folder's allocation lock is not the one its files compile to (None when it is)."""
+    from assignment_server.authoring.compiler import LOCK_FILE
+
+    if not result.lock_changed or not result.lock.get("segments"):
+        return None
+    path = folder / LOCK_FILE
+    state = "is out of date" if path.exists() else "is missing"
+    return (f"{path}:1: {state}; run `twofold flags lock {folder}` and commit it with the change "
+            "(it records who holds which allocation buckets, so no later change can move running units)")
 
 
 FLAGS = Command(_configure_flags, _run_flags)

@@ -6,6 +6,12 @@ mtime of the files seen through it) triggers a compile off the event loop. A sta
 compile or load is refused, logged and counted; the last good state keeps serving. A good one
 is swapped in with one assignment (readers see the old or the new state, never a mix) and
 watchers (WatchState streams) are woken.
+
+A flags folder is compiled against the allocation this server last served, which it records
+(the allocation lock of the served state) in memory and in a file that survives restarts. A
+change that would move units of a running experiment (out of its arm, or into an experiment it
+is exclusive with) is refused like an invalid one, whether or not the author updated the
+folder's `allocations.lock.json`: see `assignment_server.authoring.integrity`.
 """
 
 from __future__ import annotations
@@ -19,8 +25,8 @@ from pathlib import Path
 
 from prometheus_client import Counter, Gauge
 
-from assignment_server.authoring.compiler import LOCK_FILE, load_flag_source
-from assignment_server.authoring.errors import FlagFileError
+from assignment_server.authoring.compiler import LOCK_FILE, compile_folder, read_lock, write_lock
+from assignment_server.authoring.errors import FlagFileError, Problem
 from twofold import waiting
 from twofold.resolver import ResolverState, StateError
 
@@ -58,17 +64,38 @@ def source_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _load(path: Path) -> tuple[ResolverState, bytes, list[str]]:
-    state_json, warnings = load_flag_source(path)
-    return ResolverState.from_json(state_json), state_json, warnings
+@dataclass(frozen=True)
+class _Loaded:
+    state: ResolverState
+    state_json: bytes
+    warnings: list[str]
+    lock: dict | None  # the allocation it serves (flags folders only)
+
+
+def _load(path: Path, served: dict | None) -> _Loaded:
+    """Compile/load the source; a folder is checked against `served`, the allocation being served."""
+    if not path.is_dir():
+        state_json = path.read_bytes()
+        return _Loaded(ResolverState.from_json(state_json), state_json, [], None)
+    result = compile_folder(path, served=served)
+    warnings = list(result.warnings)
+    if result.lock_changed and result.lock.get("segments"):
+        warnings.append(f"{path / LOCK_FILE} is missing or out of date (`twofold flags lock` was not run): this "
+                        "server checks changes against what it served, but a replica without that record starts "
+                        "from the folder's lock")
+    state_json = result.state_json()
+    return _Loaded(ResolverState.from_json(state_json), state_json, warnings, result.lock)
 
 
 class StateSource:
     """Holds the current `Served` state and reloads it when the source changes."""
 
-    def __init__(self, path: str | Path, poll_interval: float = 1.0) -> None:
+    def __init__(self, path: str | Path, poll_interval: float = 1.0, served_lock: str | Path | None = None) -> None:
+        """`served_lock`: file recording the allocation served, so a restart keeps checking against it."""
         self.path = Path(path)
         self.poll_interval = poll_interval
+        self.served_lock_path = Path(served_lock) if served_lock else None
+        self.served_lock: dict | None = None
         self.current: Served | None = None
         self._fingerprint: str | None = None
         self._changed = asyncio.Condition()
@@ -77,14 +104,43 @@ class StateSource:
     def load_initial(self) -> Served:
         """Load synchronously at startup; a bad initial source is fatal (nothing to fall back to)."""
         fingerprint = source_fingerprint(self.path)
-        state, state_json, warnings = _load(self.path)
-        for w in warnings:
+        if self.served_lock_path is not None and self.path.is_dir():
+            try:
+                self.served_lock = read_lock(self.served_lock_path)
+            except ValueError as exc:  # no record to trust: starting would risk moving running units
+                raise FlagFileError([Problem(str(self.served_lock_path), 1, f"unreadable record of the served "
+                                                                            f"allocation: {exc}")]) from exc
+        try:
+            loaded = _load(self.path, self.served_lock)
+        except FlagFileError as exc:
+            if self.served_lock is not None and any("refused:" in p.message for p in exc.problems):
+                exc.problems.append(Problem(str(self.served_lock_path), 1, "the changes above were checked against "
+                                            "this record of the allocation served before the restart; remove it "
+                                            "only to deliberately start every running experiment over"))
+            raise FlagFileError(exc.problems) from exc
+        for w in loaded.warnings:
             log.warning("flag source warning", extra={"fields": {"warning": w}})
-        self._swap(state, state_json, fingerprint)
+        self._swap(loaded, fingerprint)
+        self._record(loaded.lock)
         assert self.current is not None
         return self.current
 
-    def _swap(self, state: ResolverState, state_json: bytes, fingerprint: str) -> None:
+    def _record(self, lock: dict | None) -> None:
+        """Remember the allocation now served (memory first: the file only carries it across restarts)."""
+        if lock is None:
+            return
+        self.served_lock = lock
+        if self.served_lock_path is None:
+            return
+        try:
+            write_lock(self.served_lock_path, lock)
+        except OSError as exc:
+            log.error("cannot record the served allocation; after a restart, changes are checked against the "
+                      "folder's allocations.lock.json only", extra={"fields": {"path": str(self.served_lock_path),
+                                                                                 "error": str(exc)}})
+
+    def _swap(self, loaded: _Loaded, fingerprint: str) -> None:
+        state, state_json = loaded.state, loaded.state_json
         now = time.time()
         previous = self.current.generation if self.current else 0
         generation = max(previous + 1, int(now * 1000))
@@ -106,7 +162,7 @@ class StateSource:
         if fingerprint == self._fingerprint:
             return False
         try:
-            state, state_json, warnings = await asyncio.to_thread(_load, self.path)
+            loaded = await asyncio.to_thread(_load, self.path, self.served_lock)
         except (FlagFileError, StateError, OSError, ValueError) as exc:
             RELOAD_FAILURES.inc()
             self._fingerprint = fingerprint  # do not retry the same broken content every poll
@@ -114,16 +170,17 @@ class StateSource:
             log.error("flag change refused; the last good state keeps serving",
                       extra={"fields": {"source": str(self.path), "problems": problems[:50]}})
             return False
-        if not state.flags and self.current is not None and self.current.state.flags:
+        if not loaded.state.flags and self.current is not None and self.current.state.flags:
             # Most likely a mount in transition or a deleted folder, not an intent to drop every flag.
             RELOAD_FAILURES.inc()
             self._fingerprint = fingerprint
             log.error("flag change refused: the new source has no flags at all; the last good state keeps serving",
                       extra={"fields": {"source": str(self.path)}})
             return False
-        for w in warnings:
+        for w in loaded.warnings:
             log.warning("flag source warning", extra={"fields": {"warning": w}})
-        self._swap(state, state_json, fingerprint)
+        self._swap(loaded, fingerprint)
+        await asyncio.to_thread(self._record, loaded.lock)
         async with self._changed:
             self._changed.notify_all()
         return True

@@ -188,7 +188,17 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
     bandit.add_argument("--holdout", type=float, default=0.2,
                         help="newest share of decisions kept for the off-policy evaluation")
     bandit.add_argument("--gate", choices=["none", "not-worse", "better"], default="not-worse",
-                        help="publish rule on the SNIPS estimate vs the logged policy's value")
+                        help="publish rule on the paired difference candidate (SNIPS) - logged policy, on the "
+                             "evaluation rows: not-worse publishes when its lower confidence bound is above "
+                             "-margin x logged value (a candidate worse than that is published in at most "
+                             "1 - confidence of runs); better when it is above 0; none always")
+    bandit.add_argument("--gate-margin", type=float,
+                        help="not-worse: tolerated shortfall as a share of the logged policy's value (default 0.05)")
+    bandit.add_argument("--gate-confidence", type=float,
+                        help="one-sided confidence of the gate's lower bound (default 0.95)")
+    bandit.add_argument("--min-ess", type=float,
+                        help="refuse when the effective sample size of the evaluation rows is below this "
+                             "(default 100)")
     bandit.add_argument("--since", type=_timestamp, help="only decisions at or after this time")
     bandit.add_argument("--as-of", type=_timestamp, help="treat this as now (default: the current time)")
     bandit.add_argument("--init", action="store_true",
@@ -282,11 +292,14 @@ def _run_train_bandit(args: argparse.Namespace) -> dict[str, Any]:
     result = train_bandit_from_lake(
         args.lake, repository=args.repository, name=args.model, reward_event=args.reward_event,
         window=args.window, reward=args.reward, config=config, arm_names=arms, feature_names=features,
-        holdout_fraction=args.holdout, gate_rule=args.gate, as_of=args.as_of, since=args.since)
+        holdout_fraction=args.holdout, gate_rule=args.gate, as_of=args.as_of, since=args.since,
+        **{name: value for name, value in (("gate_margin", args.gate_margin), ("gate_confidence", args.gate_confidence),
+                                           ("gate_min_ess", args.min_ess)) if value is not None})
     out: dict[str, Any] = {"model": args.model, "published": result.published is not None,
                            "reason": result.reason, "rows_train": result.rows_train,
                            "rows_evaluated": result.rows_evaluated, "rows_dropped": result.rows_dropped,
-                           "evaluation": result.report.to_dict() if result.report else None}
+                           "evaluation": result.report.to_dict() if result.report else None,
+                           "gate": result.gate.to_dict() if result.gate else None}
     if result.published is not None:
         out.update(version=result.published.version, path=str(result.published.path),
                    kind=result.published.manifest.kind)

@@ -27,7 +27,15 @@ from model_server.bandits import PolicyConfig, fit_policy, publish_policy, publi
 from model_server.export_xgboost import ExportError, export_model, export_model_file, train_xgboost
 from model_server.lake_training import load_decisions
 from model_server.manifest import MANIFEST_FILE, Manifest, read_manifest
-from model_server.offline_eval import OffPolicyReport, evaluate, gate
+from model_server.offline_eval import (
+    DEFAULT_GATE_CONFIDENCE,
+    DEFAULT_MARGIN,
+    DEFAULT_MIN_ESS,
+    GateDecision,
+    OffPolicyReport,
+    evaluate,
+    gate,
+)
 from model_server.publish import Published
 from model_server.randomness import uniforms_for
 
@@ -45,6 +53,7 @@ class BanditResult:
     rows_train: int
     rows_evaluated: int
     rows_dropped: int = 0
+    gate: GateDecision | None = None  # the numbers the gate decided on (None: nothing to evaluate against)
 
 
 def init_bandit(*, repository: str | os.PathLike[str], name: str, arms: Sequence[str],
@@ -71,11 +80,14 @@ def train_bandit(x: np.ndarray, arms: Sequence[str] | np.ndarray, rewards: np.nd
                  feature_names: Sequence[str], config: PolicyConfig | None = None,
                  propensities: np.ndarray | None = None, decision_ids: Sequence[str] | None = None,
                  holdout_fraction: float = 0.2, gate_rule: str = "not-worse",
-                 extra_training: dict[str, Any] | None = None) -> BanditResult:
+                 gate_margin: float = DEFAULT_MARGIN, gate_confidence: float = DEFAULT_GATE_CONFIDENCE,
+                 gate_min_ess: float = DEFAULT_MIN_ESS, extra_training: dict[str, Any] | None = None) -> BanditResult:
     """Fit a policy on logged rows (oldest first), evaluate it off-policy, publish if the gate allows.
 
     `arms` are arm names or indices into `arm_names`. Without `propensities` there is nothing to
-    evaluate against: the candidate is fitted on every row and published ungated.
+    evaluate against: the candidate is fitted on every row and published ungated. The gate
+    (`model_server.offline_eval.gate`) decides on the evaluation rows with `gate_margin`,
+    `gate_confidence` and `gate_min_ess`.
     """
     config = config or PolicyConfig()
     x = np.asarray(x, dtype=np.float64)
@@ -112,15 +124,17 @@ def train_bandit(x: np.ndarray, arms: Sequence[str] | np.ndarray, rewards: np.nd
     probs = policy_probabilities(graph, x[held], ids[held], config.random_width(len(arm_names)))
     target = probs[np.arange(len(probs)), arm_idx[held]]
     report = evaluate(rewards[held], props[held], target)
-    allowed, reason = gate(report, gate_rule)
-    if not allowed:
-        return BanditResult(None, report, reason, train.stop - train.start, held.stop - held.start, dropped)
-    evaluation = {**report.to_dict(), "gate": gate_rule, "decision": reason,
-                  "in_sample": n_eval == 0}
+    decision = gate(report, gate_rule, margin=gate_margin, confidence=gate_confidence, min_ess=gate_min_ess)
+    if not decision.publish:
+        return BanditResult(None, report, decision.reason, train.stop - train.start, held.stop - held.start, dropped,
+                            decision)
+    evaluation = {**report.to_dict(), "gate": gate_rule, "decision": decision.reason,
+                  "gate_decision": decision.to_dict(), "in_sample": n_eval == 0}
     published = publish_policy_graph(repository=repository, name=name, arms=arm_names,
                                      feature_names=feature_names, graph=graph, config=config,
                                      training={**training, **info}, evaluation=evaluation)
-    return BanditResult(published, report, reason, train.stop - train.start, held.stop - held.start, dropped)
+    return BanditResult(published, report, decision.reason, train.stop - train.start, held.stop - held.start,
+                        dropped, decision)
 
 
 def latest_manifest(repository: str | os.PathLike[str], name: str) -> Manifest | None:
@@ -145,7 +159,9 @@ def train_bandit_from_lake(lake: str | os.PathLike[str], *, repository: str | os
                            reward: str = "occurrence", config: PolicyConfig | None = None,
                            arm_names: Sequence[str] | None = None, feature_names: Sequence[str] | None = None,
                            holdout_fraction: float = 0.2, gate_rule: str = "not-worse",
-                           as_of: dt.datetime | None = None, since: dt.datetime | None = None) -> BanditResult:
+                           gate_margin: float = DEFAULT_MARGIN, gate_confidence: float = DEFAULT_GATE_CONFIDENCE,
+                           gate_min_ess: float = DEFAULT_MIN_ESS, as_of: dt.datetime | None = None,
+                           since: dt.datetime | None = None) -> BanditResult:
     """Fit `name` from the lake's decisions and events and publish its next version.
 
     Arms and feature names come from the newest published version unless given; the policy
@@ -175,4 +191,5 @@ def train_bandit_from_lake(lake: str | os.PathLike[str], *, repository: str | os
     return train_bandit(logged.features, logged.arms, logged.rewards, repository=repository, name=name,
                         arm_names=arm_names, feature_names=feature_names, config=config,
                         propensities=logged.propensity, decision_ids=logged.decision_ids,
-                        holdout_fraction=holdout_fraction, gate_rule=gate_rule, extra_training=extra)
+                        holdout_fraction=holdout_fraction, gate_rule=gate_rule, gate_margin=gate_margin,
+                        gate_confidence=gate_confidence, gate_min_ess=gate_min_ess, extra_training=extra)

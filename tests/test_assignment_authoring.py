@@ -168,3 +168,63 @@ rules:
     assert abs((seen["first:a"] + seen["first:b"]) / 20_000 - 0.30) < 0.015
     assert abs((seen["second:a"] + seen["second:b"]) / 20_000 - 0.30) < 0.015
     assert abs(seen["default:c"] / 20_000 - 0.20) < 0.015
+
+
+OPERANDS = """flag: f
+variants: {a: {x: 1}}
+rules:
+  - name: r
+    when:
+      all:
+        - {attribute: app_version, gte: "abc", type: semver}
+        - {attribute: app_version, lt: 2.10, type: semver}
+        - {attribute: signup, gte: "yesterday", type: timestamp}
+        - {attribute: age, gte: "eighteen", type: number}
+        - {attribute: score, lt: .nan}
+        - {attribute: age, gte: 65, lt: 18}
+        - {attribute: app_version, gt: "2.0.0", lt: "2.0.0", type: semver}
+        - {attribute: app_version, starts_with: "2.", type: semver}
+        - {attribute: tier, in: [1, gold]}
+        - {attribute: beta, gte: true}
+        - {attribute: beta, eq: "yes", type: bool}
+        - {attribute: country, eq: [SE, NO]}
+        - {attribute: app_version, gte: "2.0.0", type: semver}
+        - {attribute: signup, gte: 1700000000, type: timestamp}
+        - {attribute: age, gte: "18", type: number, lt: 65}
+    serve: a
+"""
+
+
+def test_every_operand_is_checked_against_its_type_with_file_and_line(tmp_path: Path) -> None:
+    folder = _folder(tmp_path, OPERANDS)
+    out = subprocess.run([sys.executable, "-m", "twofold", "flags", "validate", str(folder)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    file = folder / "f.yaml"
+    expected = {
+        7: "'abc' is not a quoted semantic version",
+        8: "2.1 is not a quoted semantic version",
+        9: "'yesterday' is not an ISO-8601 time",
+        10: "'eighteen' is not a number",
+        11: "nan is not a finite number",
+        12: "the range is empty",
+        13: "the range is empty",
+        14: "`starts_with` compares text; it cannot apply to type semver",
+        15: "`in` mixes numberValue and stringValue",
+        16: "a range does not apply to true/false",
+        17: "'yes' is not true or false",
+        18: "is not a single value",
+    }
+    for line, message in expected.items():
+        assert any(m.startswith(f"error: {file}:{line}: ") and message in m for m in out.stderr.splitlines()), \
+            (line, message, out.stderr)
+    assert not any(f"{file}:{line}:" in out.stderr for line in (19, 20, 21))  # valid operands pass
+
+    # The valid ones compile to what the resolver compares.
+    (folder / "f.yaml").write_text("\n".join(OPERANDS.splitlines()[:6] + OPERANDS.splitlines()[18:]) + "\n")
+    criteria = compile_folder(folder).state["segments"]["segments/f--r"]["targeting"]["criteria"]
+    assert criteria["c2"]["attribute"]["rangeRule"] == {"startInclusive": {"timestampValue": "2023-11-14T22:13:20Z"}}
+    assert criteria["c3"]["attribute"]["rangeRule"] == {"startInclusive": {"numberValue": 18.0},
+                                                        "endExclusive": {"numberValue": 65.0}}
+    assert _resolve(folder, {"targeting_key": "u", "app_version": "2.3.1", "signup": "2024-01-01T00:00:00Z",
+                             "age": 30}) == ("a", "r")

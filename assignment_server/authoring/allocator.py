@@ -3,20 +3,21 @@
 Contract 1 keeps one allocation salt per account, so namespaces, exclusivity and holdouts can
 only be expressed by *which* buckets a segment owns. The allocator guarantees:
 
-(a) ramping a proportion up only adds buckets: a segment takes buckets in the fixed order of a
-    permutation, and keeps what the allocation lock says it already had;
+(a) ramping a proportion up only adds buckets and ramping down only removes them: a segment
+    claims positions of a permutation in a fixed order and keeps them, in claim order, in the
+    allocation lock (`allocations.lock.json`, or the copy the server keeps of what it served);
 (b) segments that are exclusive to each other own disjoint sets: experiments of one namespace,
-    a namespace's holdout and every experiment of that namespace, and explicit `exclusive_with`;
+    a namespace's holdout and every experiment of that namespace, and explicit `exclusive_with`.
+    A partner never gets a bucket a segment ever held (its reservation), so a ramp down frees
+    nothing for partners until the segment is removed from the folder;
 (c) a holdout is placed first, so its buckets are in no experiment of its namespace;
-(d) the result is a pure function of the inputs (permutations come from a fixed hash, never
-    from a random generator whose stream could change between library versions).
+(d) the result is a pure function of the inputs and the lock (permutations come from a fixed
+    hash, never from a random generator whose stream could change between library versions).
 
 Each namespace has its own permutation, so experiments of different namespaces overlap at
 random (independently), as they should. A segment outside any namespace uses a permutation of
-its own. Growth of one exclusive experiment must not take buckets a partner was already
-given, so a compiled allocation is written to `allocations.lock.json` (by `twofold flags lock`)
-and later compiles start from it: existing owners keep their positions, and only new or grown
-segments claim further positions, skipping buckets a partner holds.
+its own. Whether a change keeps these promises against what was served is checked by
+`assignment_server.authoring.integrity`, which refuses the change otherwise.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import numpy as np
 
 from twofold.resolver.bucketing import ALLOCATION_BUCKETS, hash_key
 
-LOCK_VERSION = 1
+LOCK_VERSION = 2
+READABLE_LOCK_VERSIONS = (1, 2)  # version 1: no partners, positions sorted
 _U64 = np.uint64
 
 
@@ -63,10 +65,10 @@ def permutation(key: str) -> np.ndarray:
 
 
 def _to_ranges(positions: np.ndarray) -> list[list[int]]:
-    """Sorted positions as [start, end) ranges (what the lock file stores)."""
+    """Positions as [start, end) ranges, in the order given (claim order is what the lock stores)."""
     if positions.size == 0:
         return []
-    p = np.sort(positions)
+    p = np.asarray(positions, dtype=np.int64)
     breaks = np.nonzero(np.diff(p) != 1)[0]
     starts = np.concatenate(([p[0]], p[breaks + 1]))
     ends = np.concatenate((p[breaks], [p[-1]])) + 1
@@ -76,6 +78,29 @@ def _to_ranges(positions: np.ndarray) -> list[list[int]]:
 def _from_ranges(ranges: Iterable[Iterable[int]]) -> np.ndarray:
     parts = [np.arange(max(0, int(s)), min(ALLOCATION_BUCKETS, int(e)), dtype=np.int64) for s, e in ranges]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def lock_segments(lock: Mapping | None) -> dict[str, dict]:
+    """The segment entries of a lock this version can read (version 1 is version 2 without partners)."""
+    if not lock or lock.get("version", LOCK_VERSION) not in READABLE_LOCK_VERSIONS:
+        return {}
+    segments = lock.get("segments", {})
+    return segments if isinstance(segments, dict) else {}
+
+
+def reserved_positions(entry: Mapping) -> np.ndarray:
+    """Every position a lock entry holds, in claim order (its active ones first)."""
+    return _from_ranges(entry.get("positions", []))
+
+
+def entry_mask(entry: Mapping, active_only: bool = True) -> np.ndarray:
+    """A lock entry's buckets as a mask: the active ones, or every reserved one."""
+    positions = reserved_positions(entry)
+    if active_only:
+        positions = positions[:int(entry.get("buckets", positions.size))]
+    mask = np.zeros(ALLOCATION_BUCKETS, dtype=bool)
+    mask[permutation(str(entry.get("permutation")))[positions]] = True
+    return mask
 
 
 @dataclass
@@ -112,19 +137,33 @@ def exclusivity(requests: Iterable[SegmentRequest]) -> dict[str, set[str]]:
 
 
 def allocate(requests: Iterable[SegmentRequest], lock: Mapping | None = None) -> Allocation:
-    """Give each request round(proportion * 1,000,000) buckets, honouring exclusivity and the lock."""
+    """Give each request round(proportion * 1,000,000) buckets, honouring exclusivity and the lock.
+
+    A segment found in the lock keeps its positions in claim order: its active buckets are the
+    first ones it claimed, a ramp down deactivates the newest, a ramp up reactivates them before
+    claiming free positions. Every position it ever held (while it stays in the folder) is
+    *reserved*: exclusive partners never get those buckets, so a unit that was in a running
+    experiment never enters one it is exclusive with. Removing a segment releases its buckets.
+    """
     reqs = sorted(requests, key=lambda r: (not r.holdout, r.segment))
     partners = exclusivity(reqs)
-    locked = (lock or {}).get("segments", {}) if (lock or {}).get("version", LOCK_VERSION) == LOCK_VERSION else {}
+    locked = lock_segments(lock)
 
-    # Buckets every locked segment already holds, so a newcomer never takes them from a partner.
-    held: dict[str, np.ndarray] = {}
-    for r in reqs:
+    def previous(r: SegmentRequest) -> np.ndarray | None:
         entry = locked.get(r.segment)
         if entry and entry.get("permutation") == r.permutation_key:
-            held[r.segment] = permutation(r.permutation_key)[_from_ranges(entry.get("positions", []))]
+            return reserved_positions(entry)
+        return None
+
+    # Buckets every locked segment has reserved, so a newcomer never takes them from a partner.
+    held: dict[str, np.ndarray] = {}
+    for r in reqs:
+        positions = previous(r)
+        if positions is not None:
+            held[r.segment] = permutation(r.permutation_key)[positions]
 
     masks: dict[str, np.ndarray] = {}
+    reserved: dict[str, np.ndarray] = {}
     new_lock: dict[str, dict] = {}
     shortfalls: dict[str, tuple[int, int]] = {}
     for r in reqs:
@@ -132,27 +171,29 @@ def allocate(requests: Iterable[SegmentRequest], lock: Mapping | None = None) ->
         wanted = round(min(max(r.proportion, 0.0), 1.0) * ALLOCATION_BUCKETS)
         forbidden = np.zeros(ALLOCATION_BUCKETS, dtype=bool)
         for p in partners[r.segment]:
-            if p in masks:
-                forbidden |= masks[p]
+            if p in reserved:
+                forbidden |= reserved[p]
             elif p in held:
                 forbidden[held[p]] = True
         eligible = ~forbidden[order]  # by position
-        chosen = np.zeros(ALLOCATION_BUCKETS, dtype=bool)  # by position
-        entry = locked.get(r.segment)
-        if entry and entry.get("permutation") == r.permutation_key:
-            previous = _from_ranges(entry.get("positions", []))
-            previous = previous[eligible[previous]][:wanted]
-            chosen[previous] = True
-        missing = wanted - int(chosen.sum())
+        kept = previous(r)
+        kept = kept[eligible[kept]] if kept is not None else np.zeros(0, dtype=np.int64)
+        missing = wanted - kept.size
         if missing > 0:
-            free = np.nonzero(eligible & ~chosen)[0][:missing]
-            chosen[free] = True
-        positions = np.nonzero(chosen)[0]
-        if positions.size < wanted:
-            shortfalls[r.segment] = (wanted, int(positions.size))
+            taken = np.zeros(ALLOCATION_BUCKETS, dtype=bool)
+            taken[kept] = True
+            kept = np.concatenate((kept, np.nonzero(eligible & ~taken)[0][:missing]))
+        active = kept[:wanted]
+        if active.size < wanted:
+            shortfalls[r.segment] = (wanted, int(active.size))
         mask = np.zeros(ALLOCATION_BUCKETS, dtype=bool)
-        mask[order[positions]] = True
+        mask[order[active]] = True
         masks[r.segment] = mask
-        new_lock[r.segment] = {"permutation": r.permutation_key, "buckets": int(positions.size),
-                               "positions": _to_ranges(positions)}
+        held_mask = np.zeros(ALLOCATION_BUCKETS, dtype=bool)
+        held_mask[order[kept]] = True
+        reserved[r.segment] = held_mask
+        entry: dict = {"permutation": r.permutation_key, "buckets": int(active.size), "positions": _to_ranges(kept)}
+        if partners[r.segment]:
+            entry["partners"] = sorted(partners[r.segment])
+        new_lock[r.segment] = entry
     return Allocation(masks, {"version": LOCK_VERSION, "segments": dict(sorted(new_lock.items()))}, shortfalls)

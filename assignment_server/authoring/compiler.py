@@ -5,9 +5,11 @@ document's first key says what it is: `flag`, `segment` (targeting reused by nam
 (an exclusion layer, optionally with a holdout), `client` (credentials and environments) or
 `account`. See docs/assignment.md for the format; `examples/flags/` holds a worked example.
 
-Compiling is deterministic: the same files always give byte-identical state. Allocation
-buckets come from `assignment_server.authoring.allocator`, starting from the folder's
-`allocations.lock.json` when present (written by `twofold flags lock`).
+Compiling is deterministic: the same files and the same allocation lock always give
+byte-identical state. Allocation buckets come from `assignment_server.authoring.allocator`,
+starting from a lock: the folder's `allocations.lock.json` (written by `twofold flags lock`), or
+the server's record of what it served. A change that would move units of what the lock
+describes as running is refused with file:line problems (`assignment_server.authoring.integrity`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ import yaml
 from assignment_server.authoring.allocator import Allocation, SegmentRequest, allocate
 from assignment_server.authoring.conditions import ConditionCompiler
 from assignment_server.authoring.errors import FlagFileError, Problem
+from assignment_server.authoring.integrity import Move, extends, moves
 from assignment_server.authoring.yamlio import Located, LocatedList, load_documents
 from twofold.resolver.state import encode_bitset
 
@@ -49,7 +53,7 @@ class CompileResult:
 
     state: dict
     lock: dict
-    lock_changed: bool
+    lock_changed: bool  # the folder's allocations.lock.json is missing or differs from `lock`
     files: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -83,6 +87,7 @@ class _Folder:
         self.namespaces: dict[str, Located] = {}
         self.clients: dict[str, Located] = {}
         self.account: str | None = None
+        self.account_at: tuple[str, int] = ("?", 0)
 
     def error(self, node: Any, message: str, key: str | None = None) -> None:
         line = node.line_of(key) if isinstance(node, Located) and key else getattr(node, "line", 0)
@@ -101,6 +106,7 @@ class _Folder:
         name = doc[kind]
         if kind == "account":
             self.account = str(name)
+            self.account_at = (doc.file, doc.line_of(kind))
             return
         if kind not in ("flag", "segment", "namespace", "client"):
             self.error(doc, f"unknown document kind {kind!r}; start with flag:, segment:, namespace:, client: "
@@ -147,19 +153,29 @@ def read_folder(folder: Path) -> tuple[_Folder, list[str], dict | None]:
     return f, shown, lock
 
 
-def compile_folder(folder: str | Path) -> CompileResult:
-    """Compile every flag file under `folder`; raises FlagFileError listing all problems."""
+def compile_folder(folder: str | Path, served: dict | None = None) -> CompileResult:
+    """Compile every flag file under `folder`; raises FlagFileError listing all problems.
+
+    Without `served`, the folder's `allocations.lock.json` is both the starting allocation and
+    what the change is checked against (what `twofold flags validate|lock|compile` do). With
+    `served`, the lock of the allocation a server is serving, the change is checked against
+    that record, whether or not the author updated the folder's lock; the folder's lock is
+    still the starting point when it extends `served` (moves nothing, forgets no reservation),
+    so that replicas following the committed lock compile the same state; otherwise `served` is.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FlagFileError([Problem(str(folder), 0, "not a directory")])
     f, files, lock = read_folder(folder)
-    result = _compile(f, lock)
+    if served is None:
+        start, previous = lock, lock
+    else:
+        start = lock if lock is not None and extends(served, lock) else served
+        previous = served
+    result = _Compiler(f).compile(start, previous)
+    result.lock_changed = lock != result.lock
     result.files = files
     return result
-
-
-def _compile(f: _Folder, lock: dict | None) -> CompileResult:
-    return _Compiler(f).compile(lock)
 
 
 def _full(assignment_id: str, variant: str | None) -> dict:
@@ -194,8 +210,14 @@ class _Compiler:
         self.flags: dict[str, dict] = {}
         self.experiments: dict[str, str] = {}  # "<flag>/<rule>" or experiment name -> segment
         self.pending_exclusive: list[tuple[Located, str, list]] = []
+        # What the integrity check compares between an old and a new lock, and where to point.
+        self.layouts: dict[str, dict] = {}  # experiment segment -> its arm layout and rules ahead
+        self.listed: set[str] = set()  # segments of `overrides` rules (explicit unit lists)
+        self.rule_at: dict[str, tuple[str, int]] = {}  # segment -> the rule's `name` line
+        self.arms_at: dict[str, tuple[str, int]] = {}  # experiment segment -> its `arms` line
 
-    def compile(self, lock: dict | None) -> CompileResult:
+    def compile(self, lock: dict | None, previous: dict | None = None) -> CompileResult:
+        """Compile starting from allocation `lock`; refuse what would move units `previous` allocated."""
         self.compile_clients()
         self.compile_segments()
         self.compile_namespaces()
@@ -204,7 +226,7 @@ class _Compiler:
         self.resolve_exclusivity()
         if self.f.problems:
             raise FlagFileError(sorted(self.f.problems, key=lambda p: (p.file, p.line)))
-        return self.allocate(lock)
+        return self.allocate(lock, previous)
 
     # -- clients, segments, namespaces -------------------------------------------------------
 
@@ -346,6 +368,12 @@ class _Compiler:
                 f.error(raw_rules, "each rule is a mapping")
                 continue
             self.compile_rule(flag, rule, seen)
+        ahead: list[str] = []
+        for compiled_rule in flag.rules:  # what could take an experiment's units before its rule is reached
+            if compiled_rule["segment"] in self.layouts:
+                self.layouts[compiled_rule["segment"]]["ahead"] = list(ahead)
+            if compiled_rule["segment"] not in self.listed:
+                ahead.append(compiled_rule["segment"])
         if flag.default:
             flag.rules.append({"name": f"flags/{name}/rules/default", "segment": EVERYONE, "enabled": True,
                                "targetingKeySelector": "", "assignmentSpec": _full("default", flag.default)})
@@ -394,6 +422,8 @@ class _Compiler:
             if ref is None:
                 continue
             segment = f"segments/{flag.name}--{rname}--{vname}"
+            self.listed.add(segment)
+            self.rule_at[segment] = (rule.file, rule.line_of("name"))
             self.add_segment(segment, {
                 "criteria": {"c1": {"attribute": {"attributeName": attribute, "setRule": {
                     "values": [{"stringValue": str(u)} for u in units]}}}},
@@ -406,6 +436,7 @@ class _Compiler:
         if ref is None:
             return
         segment = f"segments/{flag.name}--{rname}"
+        self.rule_at[segment] = (rule.file, rule.line_of("name"))
         self.add_segment(segment, self.targeting(rule.get("when"), rule.file)[0])
         flag.rules.append({"name": f"flags/{flag.name}/rules/{rname}", "segment": segment, **base,
                            "assignmentSpec": _full(rname, ref)})
@@ -421,6 +452,7 @@ class _Compiler:
         if ref is None or share is None:
             return
         segment = f"segments/{flag.name}--{rname}"
+        self.rule_at[segment] = (rule.file, rule.line_of("name"))
         self.add_segment(segment, self.targeting(rule.get("when"), rule.file)[0])
         self.request(segment, share, ro, "percentage")
         flag.rules.append({"name": f"flags/{flag.name}/rules/{rname}", "segment": segment, **base,
@@ -458,6 +490,8 @@ class _Compiler:
         if share is None or not weights or len(weights) != len(arms):
             return
         segment = f"segments/{flag.name}--{rname}"
+        self.rule_at[segment] = (rule.file, rule.line_of("name"))
+        self.arms_at[segment] = (exp.file, exp.line_of("arms"))
         ident = str(exp.get("name") or f"{flag.name}/{rname}")
         if ident in self.experiments:
             f.error(exp, f"experiment {ident!r} is defined twice", "name")
@@ -488,6 +522,9 @@ class _Compiler:
         compiled = {"name": f"flags/{flag.name}/rules/{rname}", "segment": segment, **base,
                     "assignmentSpec": {"bucketCount": bucket_count, "assignments": assignments}}
         sticky = exp.get("sticky", False)
+        arm_ranges = [[a["variant"]["variant"], r["lower"], r["upper"]] for a in assignments for r in a["bucketRanges"]]
+        self.layouts[segment] = {"rule": compiled["name"], "bucketCount": bucket_count, "arms": arm_ranges,
+                                 "selector": base["targetingKeySelector"], "sticky": sticky is True}
         if not isinstance(sticky, bool):
             f.error(exp, "`sticky` is true or false", "sticky")
         elif sticky:
@@ -514,23 +551,53 @@ class _Compiler:
             self.requests[segment] = SegmentRequest(r.segment, r.proportion, r.namespace, frozenset(partners),
                                                     r.holdout)
 
-    def allocate(self, lock: dict | None) -> CompileResult:
+    def where(self, move: Move) -> tuple[str, int]:
+        """The file:line a refused move points at: the line of the culprit that moves the units."""
+        if move.what == "account":
+            return self.f.account_at
+        table = {"arms": self.arms_at, "ahead": self.rule_at}.get(move.what, self.request_at)
+        return table.get(move.culprit) or self.request_at.get(move.culprit) or self.rule_at.get(move.culprit, ("?", 0))
+
+    def allocate(self, lock: dict | None, previous: dict | None) -> CompileResult:
         allocation: Allocation = allocate(self.requests.values(), lock)
         if allocation.shortfalls:
             raise FlagFileError([
                 Problem(*self.request_at[seg], f"{seg} needs {wanted / 1e4:g}% of units but only {got / 1e4:g}% "
-                                               "are free of the experiments and holdouts it is exclusive with")
+                                               "are free of the experiments and holdouts it is exclusive with "
+                                               "(buckets a running partner ever held stay out of reach until that "
+                                               "partner is removed)")
                 for seg, (wanted, got) in sorted(allocation.shortfalls.items())])
+        new_lock = {**allocation.lock, "account": f"accounts/{self.f.account or DEFAULT_ACCOUNT}",
+                    "experiments": {seg: self.layouts[seg] for seg in sorted(self.layouts)}}
+        refused = moves(previous, new_lock)
+        if refused:
+            raise FlagFileError([Problem(*self.where(m), f"refused: this change would move units of what is "
+                                                         f"running: {m.message}") for m in refused])
         bitsets = {name: encode_bitset(allocation.bits(name)) if name in self.requests else "ALL"
                    for name in sorted(self.segments)}
         state = {"account": {"name": f"accounts/{self.f.account or DEFAULT_ACCOUNT}"}, "flags": self.flags,
                  "segments": dict(sorted(self.segments.items())), "bitsets": bitsets, "bloomFilters": {},
                  "clients": dict(sorted(self.clients.items()))}
-        lock_changed = (lock or {}) != allocation.lock
-        if lock_changed and self.requests:
-            self.warnings.append(f"{LOCK_FILE} is missing or out of date; run `twofold flags lock DIR` and commit "
-                                 "it, so later ramps and new exclusive experiments cannot move existing units")
-        return CompileResult(state, allocation.lock, lock_changed, warnings=self.warnings)
+        return CompileResult(state, new_lock, lock != new_lock, warnings=self.warnings)
+
+
+def read_lock(path: Path) -> dict | None:
+    """An allocation lock from `path` (None when there is none); ValueError when it is unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def write_lock(path: Path, lock: dict) -> None:
+    """Write an allocation lock atomically (readers see the old or the new file, never half of one).
+
+    The temporary name is unique per process, so replicas sharing a record's folder never write
+    into one another's temporary file.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(lock, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def load_flag_source(path: str | Path) -> tuple[bytes, list[str]]:

@@ -13,6 +13,10 @@ Operators on an attribute: eq, ne, in, not_in, gt/gte/lt/lte (a range, two may c
 starts_with, ends_with, contains, is_null (true/false), and `some`/`every` applying one of those
 to each element of a list attribute. `type: semver|timestamp|number|string|bool` fixes how the
 rule's values are typed (by default from the YAML value: text, number, boolean, timestamp).
+
+Every operand is checked against its type with the resolver's own parsers, so a rule that could
+never match (`gte: "abc", type: semver`, an empty range, a text operator on numbers) is an
+error at its line instead of a segment that silently matches nobody.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 
 from assignment_server.authoring.errors import Problem
 from assignment_server.authoring.yamlio import Located
+from twofold.resolver.values import INVALID, number_to_timestamp, parse_timestamp, parse_version, rule_value
 
 COMPARISONS = {"eq", "ne", "in", "not_in", "gt", "gte", "lt", "lte", "starts_with", "ends_with", "contains",
                "is_null"}
@@ -110,20 +115,29 @@ class ConditionCompiler:
             if ("gt" in ranges and "gte" in ranges) or ("lt" in ranges and "lte" in ranges):
                 self._error(node, "a range has at most one lower and one upper bound")
                 return {}, False
+            if kind == "bool" or any(isinstance(v, bool) for v in ranges.values()):
+                self._error(node, "a range does not apply to true/false", next(iter(ranges)))
+                return {}, False
             rule: dict = {}
             for op, proto in (("gte", "startInclusive"), ("gt", "startExclusive"),
                               ("lte", "endInclusive"), ("lt", "endExclusive")):
                 if op in ranges:
-                    rule[proto] = self._value(ranges[op], kind, node)
+                    rule[proto] = self._value(ranges[op], kind, node, op)
+            self._check_range(rule, node, next(iter(ranges)))
             return {"rangeRule": rule}, False
         op, value = next(iter(others.items()))
         if op in ("eq", "ne"):
-            return {"eqRule": {"value": self._value(value, kind, node)}}, op == "ne"
+            return {"eqRule": {"value": self._value(value, kind, node, op)}}, op == "ne"
         if op in ("in", "not_in"):
             if not isinstance(value, list) or not value:
                 self._error(node, f"`{op}` takes a non-empty list", op)
                 return {}, False
-            return {"setRule": {"values": [self._value(v, kind, node) for v in value]}}, op == "not_in"
+            values = [self._value(v, kind, node, op) for v in value]
+            kinds = {next(iter(v)) for v in values if v}
+            if len(kinds) > 1:
+                self._error(node, f"`{op}` mixes {' and '.join(sorted(kinds))}: a unit's value is compared as one "
+                                  "type, so some entries could never match; give `type:` or make them alike", op)
+            return {"setRule": {"values": values}}, op == "not_in"
         if op == "is_null":
             if not isinstance(value, bool):
                 self._error(node, "`is_null` takes true or false", op)
@@ -132,11 +146,37 @@ class ConditionCompiler:
         if not isinstance(value, str):
             self._error(node, f"`{op}` takes text", op)
             return {}, False
+        if kind not in (None, "string"):
+            self._error(node, f"`{op}` compares text; it cannot apply to type {kind}", op)
+            return {}, False
         key = {"starts_with": "startsWithRule", "ends_with": "endsWithRule", "contains": "containsRule"}[op]
         return {key: {"value": value}}, False
 
-    def _value(self, value: Any, kind: str | None, node: Located) -> dict:
+    def _check_range(self, rule: dict, node: Located, key: str) -> None:
+        """A range whose lower bound is above its upper bound matches nobody: an error, not a silent rule."""
+        lower = rule.get("startInclusive") or rule.get("startExclusive")
+        upper = rule.get("endInclusive") or rule.get("endExclusive")
+        if not lower or not upper:
+            return
+        (lo_kind, lo), (hi_kind, hi) = rule_value(lower), rule_value(upper)
+        if lo_kind != hi_kind:
+            self._error(node, f"the range's bounds are of different types ({lo_kind}, {hi_kind})", key)
+        elif lo is not INVALID and hi is not INVALID and (
+                lo > hi or (lo == hi and ("startExclusive" in rule or "endExclusive" in rule))):
+            self._error(node, "the range is empty (its lower bound is not below its upper bound): it never matches",
+                        key)
+
+    def _value(self, value: Any, kind: str | None, node: Located, op: str) -> dict:
+        """The proto-JSON value of one operand, checked against its (declared or YAML) type."""
+        def bad(expected: str) -> dict:
+            self._error(node, f"`{op}`: {value!r} is not {expected}", op)
+            return {}
+
+        if isinstance(value, list | dict) or value is None:
+            return bad("a single value (text, number, true/false or a time)")
         if kind == "semver":
+            if not isinstance(value, str) or parse_version(value) is None:  # unquoted 2.10 would be the float 2.1
+                return bad('a quoted semantic version such as "2.1.0" (`type: semver`)')
             return {"versionValue": {"version": str(value)}}
         if kind == "timestamp" or isinstance(value, dt.datetime | dt.date):
             if isinstance(value, dt.datetime):
@@ -144,17 +184,28 @@ class ConditionCompiler:
                 return {"timestampValue": ts.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")}
             if isinstance(value, dt.date):
                 return {"timestampValue": f"{value.isoformat()}T00:00:00Z"}
-            return {"timestampValue": str(value)}
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                nanos = number_to_timestamp(float(value))  # epoch seconds or milliseconds, as in contexts
+                if nanos is None:
+                    return bad("a time")
+                return {"timestampValue": dt.datetime.fromtimestamp(nanos // 1_000_000_000, dt.UTC)
+                        .isoformat().replace("+00:00", "Z")}
+            if not isinstance(value, str) or parse_timestamp(value) is None:
+                return bad('an ISO-8601 time such as "2024-01-31T00:00:00Z" (`type: timestamp`)')
+            return {"timestampValue": value}
         if kind == "string" or (kind is None and isinstance(value, str)):
             return {"stringValue": str(value)}
         if kind == "bool" or (kind is None and isinstance(value, bool)):
             if not isinstance(value, bool):
-                self._error(node, f"expected true or false, got {value!r}")
-            return {"boolValue": bool(value)}
+                return bad("true or false (`type: bool`)")
+            return {"boolValue": value}
+        if kind == "number" and isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                return bad("a number (`type: number`)")
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if value != value or value in (float("inf"), float("-inf")):
+                return bad("a finite number")
             return {"numberValue": float(value)}
-        if kind == "number":
-            self._error(node, f"expected a number, got {value!r}")
-            return {"numberValue": 0.0}
-        self._error(node, f"unsupported value {value!r}")
-        return {}
+        return bad(f"a {kind or 'supported value'}")

@@ -206,9 +206,9 @@ def test_ips_recovers_a_known_policy_value() -> None:
     report = evaluate(rewards, np.full(len(x), 1 / 3), (arms == target_arm).astype(float))
     assert report.ips.ci_lower < truth < report.ips.ci_upper
     assert report.snips.ci_lower < truth < report.snips.ci_upper
-    assert gate(report, "better")[0]  # better than the uniform logging policy's ~0.52
+    assert gate(report, "better").publish  # better than the uniform logging policy's ~0.52
     assert not gate(evaluate(rewards, np.full(len(x), 1 / 3), (arms == 1).astype(float) * (x[:, 1] < 0)),
-                    "not-worse")[0]
+                    "not-worse").publish
 
 
 def test_train_bandit_learns_and_gates(tmp_path: Path) -> None:

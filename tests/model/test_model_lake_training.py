@@ -95,6 +95,12 @@ def test_train_bandit_from_lake_end_to_end(tmp_path: Path) -> None:
     assert (out["rows_train"], out["rows_evaluated"]) == (1200, 300)
     manifest = read_manifest(repo / "home" / "2")
     assert manifest.evaluation["gate"] == "not-worse" and manifest.evaluation["n"] == 300
+    # The numbers the gate decided on: in the CLI's output and the manifest.
+    decided = out["gate"]
+    assert decided == manifest.evaluation["gate_decision"] and decided["publish"] and decided["rule"] == "not-worse"
+    logged_value = out["evaluation"]["logged"]["value"]
+    assert decided["lower_bound"] > decided["threshold"] == pytest.approx(-0.05 * abs(logged_value))
+    assert decided["effective_sample_size"] >= decided["min_effective_sample_size"] == 100
     assert manifest.training["reward_event"] == "purchase" and manifest.training["alpha"] == 0.2
     assert manifest.arms == tuple(ARMS) and manifest.feature_names == tuple(CONTEXT)
 

@@ -43,7 +43,8 @@ from twofold.demo.simulate import Visit, draw_outcomes, track_outcomes, visit_al
 from twofold.demo.train import TrainedSystems, Truth, train_systems, true_rates
 
 # Sub-folders the demo owns inside its folder (cleared at the start of a run).
-OWNED = ("flags", "repository", "lake", "experiments", "results", "logs", "materializations.sqlite", "token.key")
+OWNED = ("flags", "repository", "lake", "experiments", "results", "logs", "materializations.sqlite", "token.key",
+         "served-allocations.json")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
