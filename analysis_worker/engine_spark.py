@@ -33,9 +33,12 @@ from analysis_worker.lake import TABLE_COLUMNS, LakeError, table_files
 from analysis_worker.sql import transpile
 
 DEFAULT_MASTER = "local[*]"
-# Settings for Spark running inside this process: no web UI to serve, and a driver heap that
-# holds the per-unit table of a few million units (the default is 1 GB).
-LOCAL_DEFAULTS = {"spark.ui.enabled": "false", "spark.driver.memory": "2g", "spark.ui.showConsoleProgress": "false"}
+# Settings for Spark running inside this process: no web UI to serve, its ports on loopback only
+# (otherwise it binds the first non-loopback interface), and a driver heap that holds the
+# per-unit table of a few million units (the default is 1 GB).
+LOCAL_DEFAULTS = {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false",
+                  "spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1",
+                  "spark.driver.memory": "2g"}
 _SPARK_TYPES = {"VARCHAR": "STRING", "TIMESTAMPTZ": "TIMESTAMP", "DOUBLE": "DOUBLE", "DATE": "DATE"}
 
 
@@ -189,6 +192,7 @@ class SparkEngine:
             ensure_java()
             builder = SparkSession.builder.master(self.master)
             if self.master.startswith("local"):
+                os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
                 for key, value in LOCAL_DEFAULTS.items():
                     builder = builder.config(key, value)
         builder = builder.appName("twofold-analysis").config("spark.sql.session.timeZone", "UTC")
