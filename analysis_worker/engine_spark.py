@@ -34,11 +34,12 @@ from analysis_worker.sql import transpile
 
 DEFAULT_MASTER = "local[*]"
 # Settings for Spark running inside this process: no web UI to serve, its ports on loopback only
-# (otherwise it binds the first non-loopback interface), and a driver heap that holds the
-# per-unit table of a few million units (the default is 1 GB).
+# (otherwise it binds the first non-loopback interface), a driver heap that holds the per-unit
+# table of a few million units (the default is 1 GB), and shuffles cut into 4 partitions per core
+# instead of 200: on 2 cores and 1M exposures, 15.3 s of JVM CPU per analysis against 20.1 s.
 LOCAL_DEFAULTS = {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false",
                   "spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1",
-                  "spark.driver.memory": "2g"}
+                  "spark.driver.memory": "2g", "spark.sql.shuffle.partitions": str(4 * (os.cpu_count() or 1))}
 _SPARK_TYPES = {"VARCHAR": "STRING", "TIMESTAMPTZ": "TIMESTAMP", "DOUBLE": "DOUBLE", "DATE": "DATE"}
 
 
