@@ -30,6 +30,7 @@ from analysis_worker.sql import (
     MULTIPLE,
     UNKNOWN,
     caps_query,
+    null_rows_query,
     per_unit_query,
     percentile_caps,
     stat_columns,
@@ -57,6 +58,10 @@ class Analysis:
 
             self._html = render_html(self.document)
         return self._html
+
+    def reset_html(self) -> None:
+        """Forget the rendered report (after the document was replaced)."""
+        self._html = None
 
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
         """Write `<experiment>.json` and `<experiment>.html` into `out_dir` (created if needed)."""
@@ -135,7 +140,8 @@ def stats_input_from_rows(experiment: ExperimentConfig, rows: list[dict[str, Any
         control=experiment.control, expected_split=dict(experiment.split), metrics=metrics,
         sequential=None if seq is None else SequentialInput(method=seq.method, expected_n=seq.expected_units,
                                                             looks=looks[:-1], rho=seq.rho),
-        experiment=experiment.name, units={v: totals.get(v, {}).get("n", 0.0) for v in experiment.split})
+        experiment=experiment.name, units={v: totals.get(v, {}).get("n", 0.0) for v in experiment.split},
+        deterioration_alpha=experiment.deterioration_alpha)
 
 
 def _known_flags(lake: LakeSession) -> list[str]:
@@ -161,15 +167,17 @@ def _day(value: Any) -> dt.date:
 
 @dataclass(frozen=True)
 class Statistics:
-    """What the three SQL steps returned: rows per variant and day, the percentile caps, the statements."""
+    """What the SQL steps returned: rows per variant and day, the percentile caps, the rows excluded for
+    a NULL unit or id (`null_rows_query`), and the statements."""
 
     rows: list[dict[str, Any]]
     caps: dict[str, float | None]
+    null_rows: dict[str, int]
     steps: list[str]
 
 
 def sufficient_statistics(tables: LakeSession, config: ExperimentConfig) -> Statistics:
-    """Run the three steps of `analysis_worker.engine` on an open lake; `LakeError` if the engine fails."""
+    """Run the steps of `analysis_worker.engine` on an open lake; `LakeError` if the engine fails."""
     steps = [per_unit_query(config)]
     tables.materialize("per_unit", steps[0])
     caps: dict[str, float | None] = {}
@@ -181,7 +189,9 @@ def sufficient_statistics(tables: LakeSession, config: ExperimentConfig) -> Stat
                 for col in percentile_caps(config)}
     steps.append(statistics_query(config, caps))
     rows = [dict(r, day=_day(r["day"])) for r in tables.rows(steps[-1])]
-    return Statistics(rows=rows, caps=caps, steps=steps)
+    steps.append(null_rows_query(config, events=tables.present["events"]))
+    (nulls,) = tables.rows(steps[-1])
+    return Statistics(rows=rows, caps=caps, null_rows={k: int(v) for k, v in nulls.items()}, steps=steps)
 
 
 def analyze(experiment: str | Path | Mapping[str, Any] | ExperimentConfig, lake: str | Path, *,
@@ -223,7 +233,7 @@ def analyze(experiment: str | Path | Mapping[str, Any] | ExperimentConfig, lake:
         except LakeError as exc:
             return failed(f"reading the lake failed: {exc}", scanned)
         steps[:] = statistics.steps
-        rows, caps = statistics.rows, statistics.caps
+        rows, caps, null_rows = statistics.rows, statistics.caps, statistics.null_rows
         excluded = {r["variant"]: int(r["n"]) for r in rows if r["variant"] in (MULTIPLE, UNKNOWN)}
         data = [r for r in rows if r["variant"] not in (MULTIPLE, UNKNOWN)]
         if not data:
@@ -257,7 +267,8 @@ def analyze(experiment: str | Path | Mapping[str, Any] | ExperimentConfig, lake:
     days = sorted({r["day"] for r in data})
     extra = {
         **base,
-        "exclusions": {"multiple_variants": excluded.get(MULTIPLE, 0), "unknown_variant": excluded.get(UNKNOWN, 0)},
+        "exclusions": {"multiple_variants": excluded.get(MULTIPLE, 0), "unknown_variant": excluded.get(UNKNOWN, 0),
+                       **null_rows},
         "caps": _caps_document(config, caps),
         "look_dates": [d.isoformat() for d in days],
         "rows_scanned": scanned,
@@ -266,6 +277,13 @@ def analyze(experiment: str | Path | Mapping[str, Any] | ExperimentConfig, lake:
     document["warnings"] = warnings + document.get("warnings", [])
     if excluded.get(MULTIPLE):
         document["warnings"].append(f"{excluded[MULTIPLE]} unit(s) exposed to more than one variant were excluded")
+    for key, what in (("exposures_null_unit", "exposure(s) without a unit"),
+                      ("exposures_null_id", "exposure(s) without an exposure_id"),
+                      ("events_null_unit", "event(s) without a unit"),
+                      ("events_null_id", "event(s) without an event_id")):
+        if null_rows.get(key):
+            document["warnings"].append(
+                f"{null_rows[key]} {what} were excluded (contract 3: never merged into another)")
     if excluded.get(UNKNOWN):
         document["warnings"].append(f"{excluded[UNKNOWN]} unit(s) exposed only to variants not in the definition "
                                     "were excluded")

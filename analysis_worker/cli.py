@@ -194,6 +194,11 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from analysis_worker.service import AnalysisWorker, registration
 
+    missing = [p for p in args.experiments if not Path(p).exists()]
+    if missing:
+        _err(f"--experiments {' '.join(missing)}: no such file or folder (experiment YAML files or folders "
+             "of them; examples/experiments/ holds one)")
+        return 2
     try:
         engine = _engine(args)
     except ValueError as exc:

@@ -16,7 +16,16 @@ from typing import Any
 
 import yaml
 
-from analysis_worker.inputs import CORRECTIONS, DIRECTIONS, MEAN_TESTS, ROLES, SEQUENTIAL_METHODS
+from analysis_worker.inputs import (
+    CORRECTIONS,
+    DIRECTIONS,
+    MEAN_TESTS,
+    ROLES,
+    SEQUENTIAL_METHODS,
+    InputError,
+    check_error_budget,
+)
+from twofold.yaml_errors import yaml_error_line
 
 AGGREGATES = ("sum", "count")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
@@ -124,6 +133,8 @@ class ExperimentConfig:
     correction: str = "risk-aware"
     sequential: SequentialConfig | None = None
     description: str = ""
+    # risk-aware: the deterioration tests' own error budget (None: alpha).
+    deterioration_alpha: float | None = None
     source: str = ""
 
     def flag_names(self) -> tuple[str, str]:
@@ -296,7 +307,7 @@ def parse_experiment(raw: Any, source: str = "") -> ExperimentConfig:
     if not isinstance(raw, Mapping):
         raise ConfigError("an experiment definition must be a mapping")
     known = {"name", "flag", "rule", "control", "variants", "start", "end", "alpha", "power", "correction",
-             "sequential", "metrics", "description"}
+             "deterioration_alpha", "sequential", "metrics", "description"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown field(s) {', '.join(unknown)}")
@@ -326,6 +337,11 @@ def parse_experiment(raw: Any, source: str = "") -> ExperimentConfig:
     correction = raw.get("correction", "risk-aware")
     if correction not in CORRECTIONS:
         raise ConfigError(f"correction: one of {', '.join(CORRECTIONS)}; got {correction!r}")
+    deterioration_alpha = _number(raw, "deterioration_alpha", "experiment", None, 1e-6, 0.5)
+    try:
+        check_error_budget(alpha, power, deterioration_alpha)
+    except InputError as exc:
+        raise ConfigError(str(exc)) from None
     sequential = None
     if raw.get("sequential") is not None:
         seq = raw["sequential"]
@@ -351,6 +367,7 @@ def parse_experiment(raw: Any, source: str = "") -> ExperimentConfig:
         raise ConfigError(f"metrics: duplicate names {', '.join(duplicated)}")
     return ExperimentConfig(name=name, flag=flag, control=control, split=split, start=start, end=end, rule=rule,
                             alpha=alpha, power=power, correction=correction, sequential=sequential,
+                            deterioration_alpha=deterioration_alpha,
                             metrics=metrics, description=str(raw.get("description", "")), source=source)
 
 
@@ -366,7 +383,7 @@ def load_experiment(source: str | Path | Mapping[str, Any]) -> ExperimentConfig:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        raise ConfigError(yaml_error_line(path, exc)) from exc
     try:
         return parse_experiment(raw, source=str(path))
     except ConfigError as exc:

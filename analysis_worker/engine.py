@@ -2,14 +2,15 @@
 
 DuckDB (`analysis_worker.engine_duckdb`) reads the lake in place on one machine and is the
 default; Spark (`analysis_worker.engine_spark`, the `spark` extra) runs the same SQL where a lake
-of billions of exposures lives. Both get the same three statements from `analysis_worker.sql`
+of billions of exposures lives. Both get the same statements from `analysis_worker.sql`
 and return plain rows, which the same code turns into the same statistics:
 
 1. `per_unit_query`: one row per exposed unit, kept by the engine as the table `per_unit`
    (DuckDB: a temporary table; Spark: a cached view), so that the next two steps read it
    instead of the lake;
 2. `caps_query` (only with percentile caps): the exact percentiles, one row;
-3. `statistics_query`: sums per variant and day, the caps of step 2 inlined as literals.
+3. `statistics_query`: sums per variant and day, the caps of step 2 inlined as literals;
+4. `null_rows_query`: the rows left out for a NULL unit or id, counted.
 
 An engine takes the statements in DuckDB's dialect and translates them itself (`sql.transpile`).
 """

@@ -65,6 +65,29 @@ def relative_difference(mean_t: Array, var_t: Array, mean_c: Array, var_c: Array
     return rel, np.where(mean_c != 0, se, np.nan)
 
 
+def fieller_interval(mean_t: Array, var_t: Array, mean_c: Array, var_c: Array,
+                     critical: Array) -> tuple[Array, Array]:
+    """Fieller's interval for mean_t / mean_c - 1 at the critical value of the absolute test.
+
+    It is the set of relative effects r - 1 that the test of H0: mean_t - r mean_c = 0 (variance
+    var_t + r^2 var_c) does not reject, so it excludes 0 exactly when the test of the difference
+    rejects, and it excludes a relative margin exactly when the ratio form of the non-inferiority
+    test rejects: the relative interval can never disagree with the verdict beside it (the
+    delta-method interval can: it is wider on the side away from the control). NaN where the
+    control mean is not itself distinguishable from 0 (the set is then unbounded).
+    """
+    c2 = critical**2
+    a = mean_c**2 - c2 * var_c
+    b = mean_t * mean_c
+    disc = b**2 - a * (mean_t**2 - c2 * var_t)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        root = np.sqrt(np.maximum(disc, 0.0))
+        bounded = (a > 0) & np.isfinite(critical)
+        lower = np.where(bounded, (b - root) / a - 1.0, np.nan)
+        upper = np.where(bounded, (b + root) / a - 1.0, np.nan)
+    return lower, upper
+
+
 def holm_reject(p: Array, alpha: float) -> NDArray[np.bool_]:
     """Holm's step-down procedure over all of `p` (NaN never rejects)."""
     valid = np.isfinite(p)

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from analysis_worker.hypotheses import SRM_THRESHOLD
+
 KINDS = ("mean", "binary", "ratio")
 ROLES = ("success", "guardrail")
 DIRECTIONS = ("increase", "decrease")
@@ -87,6 +89,13 @@ class StatsInput:
     experiment: str = ""
     # Units per variant for the SRM check; defaults to the largest n seen per variant.
     units: dict[str, float] | None = None
+    # risk-aware: the error budget of the deterioration (inferiority) tests, per treatment and
+    # Bonferroni-split over its metrics; None means the same as `alpha`.
+    deterioration_alpha: float | None = None
+
+    @property
+    def deterioration_level(self) -> float:
+        return self.alpha if self.deterioration_alpha is None else self.deterioration_alpha
 
 
 def _number(value: Any, where: str, *, minimum: float | None = None, integer: bool = False) -> float:
@@ -112,6 +121,9 @@ def _variant_stats(raw: Any, where: str, kind: str, cuped: bool) -> VariantStats
     if not isinstance(raw, Mapping):
         raise InputError(f"{where}: expected an object of sufficient statistics")
     needed = list(BASE_FIELDS)
+    if kind == "binary" and "sum_sq" not in raw:
+        # For 0/1 values sum_sq equals sum: a binary metric needs no sum of squares.
+        raw = {**raw, "sum_sq": raw.get("sum")}
     if kind == "ratio":
         needed += RATIO_FIELDS
     if cuped:
@@ -244,5 +256,20 @@ def parse_input(raw: Any) -> StatsInput:
             raise InputError("units: expected an object of variant -> unit count")
         units = {str(k): _number(v, f"units[{k!r}]", minimum=0, integer=True) for k, v in units_raw.items()}
     experiment = raw.get("experiment", "")
+    det_raw = raw.get("deterioration_alpha")
+    deterioration = None if det_raw is None else _number(det_raw, "deterioration_alpha")
+    check_error_budget(alpha, power, deterioration)
     return StatsInput(alpha=alpha, power=power, correction=correction, control=control, expected_split=split,
-                      metrics=metrics, sequential=sequential, experiment=str(experiment or ""), units=units)
+                      metrics=metrics, sequential=sequential, experiment=str(experiment or ""), units=units,
+                      deterioration_alpha=deterioration)
+
+
+def check_error_budget(alpha: float, power: float, deterioration_alpha: float | None) -> None:
+    """The risk-aware rule gives part of beta to the deterioration and quality tests: refuse a
+    budget that leaves the success and guardrail tests nothing (the message names the field)."""
+    det = alpha if deterioration_alpha is None else deterioration_alpha
+    if not 0 < det < 1:
+        raise InputError(f"deterioration_alpha: must be within (0, 1), got {det:g}")
+    if 1 - power - det - SRM_THRESHOLD <= 0:
+        raise InputError(f"deterioration_alpha: 1 - power - deterioration_alpha - {SRM_THRESHOLD} must be positive "
+                         f"(power {power:g}, deterioration_alpha {det:g}); lower one of them")

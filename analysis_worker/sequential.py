@@ -8,6 +8,16 @@ come from the exact recursion on the score process S_k = Z_k sqrt(t_k), whose in
 independent N(0, t_k - t_{k-1}): the density of S on the continuation region is carried from look
 to look on a grid (Simpson weights) and convolved with the increment's normal kernel, all in numpy.
 
+Any recompute schedule (`monitoring_bound`): the analysis worker recomputes every few minutes, so
+the looks of a group-sequential test are not a handful of planned days but every recompute, for
+weeks. Bounds computed for "the days so far + now" would be crossed more often than alpha allows.
+Instead the bound is the Lan-DeMets boundary for *continuous* monitoring: the same recursion on a
+fine grid of information fractions (1/1000 apart), raised by Siegmund's continuity correction
+(0.5826 sqrt(step) on the score scale) so that crossing it at any time at all, not only at the grid
+points, has probability at most alpha. A test that looks at any subset of times, however many and
+whenever, crosses it with no more probability than that; the bound depends on the information
+fraction alone, never on the earlier looks.
+
 Always-valid (Robbins' normal mixture, as in Johari et al. 2017 "Peeking at A/B tests" and
 Howard et al. 2021): for an estimate with variance V and mixing variance tau^2, the interval
 estimate +- sqrt(V (V + tau^2) / tau^2 * (log((V + tau^2) / V) - 2 log alpha)) covers the true
@@ -19,6 +29,7 @@ variance expected at that size.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 from scipy import optimize, special
@@ -114,6 +125,80 @@ def group_sequential_bounds(t: Sequence[float], alpha: float, rho: float = 2.0, 
         x, w = new_x, new_w
         last_t, last_spent = times[k], spent[k]
     return bounds
+
+
+MONITORING_STEPS = 1000
+_SIEGMUND = 0.5826
+
+
+@lru_cache(maxsize=64)
+def monitoring_bounds(alpha: float, rho: float = 2.0, sides: int = 2,
+                      steps: int = MONITORING_STEPS) -> tuple[np.ndarray, np.ndarray]:
+    """(t, z bound) on the grid t = 1/steps .. 1 of the continuous-monitoring Lan-DeMets boundary.
+
+    The recursion is the one of `group_sequential_bounds`, on a fixed grid of the score S with
+    spacing sd/8 (sd = sqrt(step)) and a banded Gaussian kernel, which makes 1000 looks cost well
+    under a second. The grid point's cell that the bound cuts is weighted by the fraction inside
+    the continuation region. The continuity correction turns the grid boundary into one for
+    monitoring at every instant (Siegmund 1985).
+    """
+    if sides not in (1, 2):
+        raise ValueError("sides must be 1 or 2")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError("alpha must be within (0, 1)")
+    dt = 1.0 / steps
+    sd = float(np.sqrt(dt))
+    h = sd / 8.0
+    half = int(np.ceil(Z_TRUNCATE / h))
+    x = np.arange(-half, half + 1) * h
+    reach = int(np.ceil(8.0 * sd / h))
+    kernel = norm.pdf(np.arange(-reach, reach + 1) * h, scale=sd) * h
+    t = np.arange(1, steps + 1) * dt
+    spent = spent_alpha(t, alpha, rho)
+    edge = np.empty(steps)
+
+    def inside(e: float) -> np.ndarray:
+        w = np.clip((e - (x - h / 2)) / h, 0.0, 1.0)
+        return w * np.clip((x + h / 2 + e) / h, 0.0, 1.0) if sides == 2 else w
+
+    edge[0] = min(float(norm.isf(spent[0] / sides)), Z_TRUNCATE) * np.sqrt(t[0])
+    mass = norm.pdf(x, scale=sd) * h * inside(edge[0])
+    for k in range(1, steps):
+        target = spent[k] - spent[k - 1]
+        live = mass > 1e-300
+        xs, ms = x[live], mass[live]
+
+        def excess(e: float, xs: np.ndarray = xs, ms: np.ndarray = ms, target: float = target) -> float:
+            cross = special.ndtr((xs - e) / sd)
+            if sides == 2:
+                cross = cross + special.ndtr((-e - xs) / sd)
+            return float(ms @ cross) - target
+
+        top = Z_TRUNCATE * float(np.sqrt(t[k]))
+        edge[k] = top if excess(top) >= 0 else optimize.brentq(excess, 0.0, top, xtol=1e-10)
+        mass = np.convolve(mass, kernel, "same") * inside(edge[k])
+    bounds = np.minimum((edge + _SIEGMUND * sd) / np.sqrt(t), Z_TRUNCATE)
+    bounds.setflags(write=False)
+    t.setflags(write=False)
+    return t, bounds
+
+
+def monitoring_bound(t: float, alpha: float, rho: float = 2.0, sides: int = 2) -> float:
+    """The z bound at information fraction `t`, valid whatever the looks before and after it.
+
+    Between grid points the larger neighbouring bound applies (the boundary is smooth, so this
+    is never below the continuous one); before the first grid point the truncation bound (no
+    alpha is spent there); from t = 1 on the bound of t = 1 (the worker closes a group-sequential
+    test at its plan, see `analysis_worker.looks`).
+    """
+    grid, bounds = monitoring_bounds(float(alpha), float(rho), int(sides))
+    steps = grid.size
+    if not t > 0:
+        return Z_TRUNCATE
+    j = int(np.floor(min(t, 1.0) * steps + 1e-9))
+    if j < 1:
+        return Z_TRUNCATE
+    return float(max(bounds[j - 1], bounds[min(j, steps - 1)]))
 
 
 def mixture_tau2(expected_var: float, alpha: float) -> float:

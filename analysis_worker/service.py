@@ -31,8 +31,10 @@ from analysis_worker.compute import compute_results
 from analysis_worker.config import ConfigError, ExperimentConfig, load_experiment
 from analysis_worker.engine import Engine, make_engine
 from analysis_worker.inputs import InputError, parse_input
+from analysis_worker.looks import LookLog
 from protos.twofold.analysis.v1 import analysis_pb2, analysis_pb2_grpc
 from twofold import waiting
+from twofold.metrics import declare
 from twofold.server import ServiceRegistration
 
 log = logging.getLogger("twofold.analysis")
@@ -60,6 +62,8 @@ class ExperimentState:
     # Last computation error (empty after a success) and the last refused edit of the definition.
     error: str = ""
     definition_error: str = ""
+    # The looks a sequential experiment published (loaded from beside the results on first use).
+    looks: LookLog | None = None
 
     def summary_error(self) -> str:
         return "; ".join(e for e in (self.definition_error, self.error) if e)
@@ -129,6 +133,7 @@ class AnalysisWorker:
                 self.experiments.pop(previous, None)
             state = self.experiments.setdefault(config.name, ExperimentState(name=config.name, source=source))
             state.config = config
+            declare(FAILURES, config.name)
             state.source = source
             state.definition_error = ""
             self._by_source[source] = config.name
@@ -152,9 +157,16 @@ class AnalysisWorker:
                 state.analysis, state.computed_at = result, dt.datetime.now(dt.UTC)
             log.warning("analysis failed", extra={"fields": {"experiment": state.name, "error": result.error}})
             return
+        SRM_MISMATCH.labels(state.name).set(1.0 if result.document["srm"]["mismatch"] else 0.0)
+        try:
+            self._publish_look(state, result)
+        except (OSError, ValueError) as exc:  # an unreadable or unwritable log: publish nothing new
+            log.exception("recording the look failed", extra={"fields": {"experiment": state.name}})
+            FAILURES.labels(state.name).inc()
+            state.error = f"recording the sequential look failed: {exc}"
+            return
         state.analysis, state.computed_at, state.error = result, dt.datetime.now(dt.UTC), ""
         LAST_SUCCESS.labels(state.name).set(time.time())
-        SRM_MISMATCH.labels(state.name).set(1.0 if result.document["srm"]["mismatch"] else 0.0)
         if self.out_dir is not None:
             try:
                 result.write(self.out_dir)
@@ -163,6 +175,17 @@ class AnalysisWorker:
         log.info("analysis computed", extra={"fields": {
             "experiment": state.name, "seconds": round(result.duration_seconds, 3), "rows": result.rows_scanned,
             "recommendation": result.document["decision"]["recommendation"]}})
+
+    def _publish_look(self, state: ExperimentState, result: Analysis) -> None:
+        """Every published computation of a sequential experiment is a look: record it (beside the
+        results, so a restart keeps it) and publish what the look log says (see `analysis_worker.looks`)."""
+        if not result.document.get("sequential"):
+            return
+        if state.looks is None or state.looks.experiment != state.name:
+            state.looks = LookLog.load(self.out_dir, state.name)
+        result.document = state.looks.publish(result.document)
+        result.reset_html()
+        state.looks.save()
 
     async def run_round(self) -> None:
         """Reload definitions and compute every experiment once."""
@@ -229,8 +252,10 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         state = self.worker.experiments.get(request.experiment) if self.worker else None
         if state is None:
             known = ", ".join(sorted(self.worker.experiments)) if self.worker else ""
+            # Quoted at most 200 characters: the message travels in a header clients cap at 16 kB.
+            shown = request.experiment if len(request.experiment) <= 200 else request.experiment[:200] + "..."
             await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"no experiment {request.experiment!r}; configured: {known or 'none'}")
+                                f"no experiment {shown!r}; configured: {known or 'none'}")
         assert state is not None
         if state.analysis is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
@@ -247,16 +272,27 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
     async def ComputeFromStatistics(self, request: analysis_pb2.ComputeFromStatisticsRequest,
                                     context: grpc.aio.ServicerContext
                                     ) -> analysis_pb2.ComputeFromStatisticsResponse:
+        # Everything here comes from the caller, so every failure is answered INVALID_ARGUMENT naming
+        # input_json, never UNKNOWN: JSON nested deeper than Python's recursion limit (RecursionError),
+        # integers of more than 4300 digits (ValueError), numbers a float cannot hold (OverflowError).
         try:
             raw = json.loads(request.input_json)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input_json is not valid JSON: {exc}")
         try:
             inp = parse_input(raw)
         except InputError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        document = await asyncio.to_thread(compute_results, inp)
-        return analysis_pb2.ComputeFromStatisticsResponse(results_json=json.dumps(document))
+        except (ValueError, TypeError, ArithmeticError, RecursionError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input_json: {type(exc).__name__}: {exc}")
+        try:
+            document = await asyncio.to_thread(compute_results, inp)
+            results_json = json.dumps(document)
+        except (ValueError, ArithmeticError) as exc:
+            log.warning("statistics refused", extra={"fields": {"error": repr(exc)}})
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"input_json: these statistics cannot be computed: {type(exc).__name__}: {exc}")
+        return analysis_pb2.ComputeFromStatisticsResponse(results_json=results_json)
 
 
 def registration(worker: AnalysisWorker | None) -> ServiceRegistration:

@@ -11,7 +11,8 @@ integer microseconds since the epoch and days are UTC days counted from them.
 
 What the SQL does, in order:
 
-1. Exposures of the experiment's flag (and rule) within [start, end); each spelling of a variant
+1. Exposures of the experiment's flag (and rule) within [start, end), without the rows whose
+   unit or exposure id is NULL (counted by `null_rows_query`); each spelling of a variant
    (`flags/<flag>/variants/<v>` or `<v>`) maps to a small integer, anything else to -1.
 2. Per unit: the first exposure time and the lowest and highest variant seen. Units seen in more
    than one variant (lowest <> highest), or only in an unknown one, are excluded and counted (the
@@ -21,7 +22,8 @@ What the SQL does, in order:
 3. Events of the metrics' names, joined to their unit's first exposure, keeping only those within
    the windows their name is measured in (see `_Windows`): about half of all events in a typical
    lake, as the rest are outside every window (or before exposure, for names without a covariate).
-4. Those events deduplicated by `event_id`: each id counts at most once. Dropping the events
+4. Those events deduplicated by `event_id`: each id counts at most once (events with a NULL
+   unit or id never get here: they are counted by `null_rows_query`). Dropping the events
    outside every window first changes nothing when an id's copies are identical; when they
    differ (a retry stamped with a later receive time, a client reusing ids), the copy counted is
    one of those within a window (ANY_VALUE: which one is unspecified, as with any dedup by id).
@@ -282,6 +284,29 @@ def _event_filter(experiment: ExperimentConfig) -> list[str]:
     return where
 
 
+def null_rows_query(experiment: ExperimentConfig, *, events: bool = True) -> str:
+    """Counts of the experiment's rows that the main query excludes for a NULL unit or id.
+
+    Contract 3: such rows (written by other tools; Twofold's writer never writes them) are
+    excluded and counted, never merged into another: a NULL unit would otherwise group into one
+    phantom unit, NULL event ids into one event. Columns: exposures_null_unit, exposures_null_id,
+    events_null_unit, events_null_id (rows, not units). Cheap on lakes without NULLs: the Parquet
+    statistics say a row group has none, and DuckDB skips it.
+    """
+    exposures = " AND ".join(_exposure_filter(experiment))
+    parts = [f"(SELECT COUNT(*) FROM exposures WHERE {exposures} AND unit IS NULL) AS exposures_null_unit",
+             f"(SELECT COUNT(*) FROM exposures WHERE {exposures} AND unit IS NOT NULL AND exposure_id IS NULL) "
+             "AS exposures_null_id"]
+    if events:
+        where = " AND ".join(_event_filter(experiment))
+        parts += [f"(SELECT COUNT(*) FROM events WHERE {where} AND unit IS NULL) AS events_null_unit",
+                  f"(SELECT COUNT(*) FROM events WHERE {where} AND unit IS NOT NULL AND event_id IS NULL) "
+                  "AS events_null_id"]
+    else:
+        parts += ["0 AS events_null_unit", "0 AS events_null_id"]
+    return "SELECT " + ",\n  ".join(parts)
+
+
 def _excluded_label(units: str) -> str:
     return (f"CASE WHEN {units}.variant <> {units}.last_variant THEN {quote(MULTIPLE)} "
             f"WHEN {units}.variant < 0 THEN {quote(UNKNOWN)} END")
@@ -298,8 +323,8 @@ def _per_unit(experiment: ExperimentConfig) -> str:
     # Variants as small integers (-1: not in the definition) while grouping 10M exposures by unit.
     mapping = " ".join(f"WHEN {quote(full)} THEN {short_names.index(short)}" for full, short in names.items())
     unmap = " ".join(f"WHEN {i} THEN {quote(short)}" for i, short in enumerate(short_names))
-    where = _exposure_filter(experiment)
-    event_where = _event_filter(experiment)
+    where = [*_exposure_filter(experiment), "unit IS NOT NULL", "exposure_id IS NOT NULL"]
+    event_where = [*_event_filter(experiment), "unit IS NOT NULL", "event_id IS NOT NULL"]
     codes = _codes(experiment)
     code_case = " ".join(f"WHEN {quote(name)} THEN {code}" for name, code in codes.items())
     windows = _Windows(experiment, codes)

@@ -105,6 +105,11 @@ def _run_flags(args: argparse.Namespace) -> int:
     from assignment_server.authoring.errors import FlagFileError
     from twofold.resolver import ResolverState, StateError
 
+    if not Path(args.dir).is_dir():
+        what = "is a file, not a folder" if Path(args.dir).exists() else "does not exist"
+        print(f"error: {args.dir} {what}: give the folder holding the flag YAML files (e.g. examples/flags)",
+              file=sys.stderr)
+        return 1
     try:
         result = compile_folder(args.dir)
         ResolverState.from_json(result.state_json())
@@ -142,8 +147,11 @@ def _run_flags(args: argparse.Namespace) -> int:
         print(f"error: {lock_problem}", file=sys.stderr)
         return 1
     flags = len(result.state["flags"])
+    if args.strict and warnings:
+        print(f"{len(warnings)} warning(s), which --strict counts as errors", file=sys.stderr)
+        return 1
     print(f"ok: {flags} flag(s), {len(result.files)} file(s)")
-    return 1 if (args.strict and warnings) else 0
+    return 0
 
 
 def _lock_problem(folder: Path, result: CompileResult) -> str | None:

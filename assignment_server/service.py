@@ -61,6 +61,13 @@ def _micros(ts: timestamp_pb2.Timestamp) -> int:
     return ts.seconds * 1_000_000 + ts.nanos // 1000
 
 
+def _now_timestamp() -> timestamp_pb2.Timestamp:
+    """The server clock now, for the responses a client learns its clock offset from."""
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(time.time_ns())
+    return stamp
+
+
 def _exposure_id(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
@@ -309,10 +316,16 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_APPLIES_PER_CALL} exposures per call")
         if (request.flags or request.local_assignments) and not request.HasField("send_time"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send_time is required (clock skew correction)")
-        send = _micros(request.send_time)
+        # receive - send is an upper bound of (server clock - client clock): it includes the transit
+        # and any queueing. Events are stamped with it (never earlier than they happened); exposures
+        # with the client's lower bound when it sends one (never later than they happened), so an
+        # event tracked after an exposure is never ordered before it, whatever each call's delay.
+        offset = receive - _micros(request.send_time)
+        if request.HasField("clock_offset_micros"):
+            offset = min(offset, request.clock_offset_micros)
 
         def corrected(apply_time: timestamp_pb2.Timestamp) -> int:
-            return min(receive, receive - (send - _micros(apply_time)))
+            return min(receive, _micros(apply_time) + offset)
 
         records: list[dict[str, Any]] = []
         if request.flags:
@@ -356,7 +369,7 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
                                                                                la.assignment_id),
                                           client.name, corrected(la.apply_time)))
         accepted, duplicates = await self._write_exposures(records, context)
-        return pb.ApplyFlagsResponse(accepted=accepted, duplicates=duplicates)
+        return pb.ApplyFlagsResponse(accepted=accepted, duplicates=duplicates, server_time=_now_timestamp())
 
     # -- TrackEvents ----------------------------------------------------------------------------
 
@@ -401,7 +414,7 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
                 raise
         EVENTS.labels("accepted").inc(len(records))
         EVENTS.labels("duplicate").inc(duplicates)
-        return pb.TrackEventsResponse(accepted=len(records), duplicates=duplicates)
+        return pb.TrackEventsResponse(accepted=len(records), duplicates=duplicates, server_time=_now_timestamp())
 
     # -- WatchState -----------------------------------------------------------------------------
 

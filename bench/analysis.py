@@ -5,7 +5,7 @@
     python -m bench.analysis --lake /tmp/lake-small --engine spark --skip-pandas   # DuckDB beside Spark
 
 Both paths compute the same sufficient statistics for the five metrics of
-examples/experiments/home-ranking.yaml (binary, capped mean with CUPED, ratio, two guardrails) and
+tests/data/home-ranking-analysis.yaml (binary, capped mean with CUPED, ratio, two guardrails) and
 feed the same statistics engine. Each runs in its own child process, so wall time and peak memory
 (the child's maximum resident set) are measured cleanly and side by side in one run; the
 statistics of both are compared at the end (they must agree to 1e-9).
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_EXPERIMENT = ROOT / "examples" / "experiments" / "home-ranking.yaml"
+DEFAULT_EXPERIMENT = ROOT / "tests" / "data" / "home-ranking-analysis.yaml"  # matches analysis_worker.synthetic
 
 
 # ---------------------------------------------------------------- the pandas implementation

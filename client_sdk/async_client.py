@@ -12,8 +12,9 @@ import asyncio
 import atexit
 import inspect
 import logging
+import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -277,14 +278,25 @@ class AsyncClient(ClientSurface):
             return
         core = self._core
         requests = core.drain_all()
+        if core.clock.probe_due(requests):
+            stub = self._resolvers[self._assignment_pool.pick()]  # type: ignore[union-attr]
+            try:
+                probe = await stub.TrackEvents(core.clock.probe_request(core.client_secret),
+                                               timeout=self.options.deadlines.track)
+                core.clock.observe(probe, time.time_ns())
+            except grpc.RpcError as exc:  # no bound yet: exposures fall back to the server's upper bound
+                log.debug("clock probe failed: %s", exc)
+            except asyncio.CancelledError:
+                core.requeue_unconfirmed(requests)
+                raise
         calls = []
         for request in requests:
             stub = self._resolvers[self._assignment_pool.pick()]  # type: ignore[union-attr]
             core.stamp_send_time(request)
             if isinstance(request, apb.ApplyFlagsRequest):
-                calls.append(stub.ApplyFlags(request, timeout=self.options.deadlines.apply))
+                calls.append(_received(stub.ApplyFlags(request, timeout=self.options.deadlines.apply)))
             else:
-                calls.append(stub.TrackEvents(request, timeout=self.options.deadlines.track))
+                calls.append(_received(stub.TrackEvents(request, timeout=self.options.deadlines.track)))
         try:
             outcomes = await asyncio.gather(*calls, return_exceptions=True)
         except asyncio.CancelledError:
@@ -298,10 +310,17 @@ class AsyncClient(ClientSurface):
             elif isinstance(outcome, BaseException):
                 raise outcome
             else:
-                core.delivered(request)
+                response, received_ns = outcome
+                core.delivered(request, response, received_ns)
 
     def _flush_at_exit(self) -> None:
         """Interpreter exit without `close()`: deliver what is queued over a blocking channel."""
         if self._closed or not self._assignment_target or not self._core.pending():
             return
         deliver_blocking(self._assignment_target, self._core)
+
+
+async def _received(call: Awaitable[Any]) -> tuple[Any, int]:
+    """The answer of `call` and the client clock right after it came (for the clock offset)."""
+    response = await call
+    return response, time.time_ns()

@@ -238,6 +238,44 @@ class EventQueue:
                 self._stats.events_dropped += 1
 
 
+class ClockOffset:
+    """A lower bound of (server clock - this client's clock), learnt from the servers' answers.
+
+    Why: the server places a record in its own time as `record time + receive - send`. That
+    offset is an upper bound (it includes the call's transit and queueing, which differ from
+    call to call), so correcting exposures and events each with their own call's offset can
+    put an event tracked right after a decision before the decision's exposure. Every
+    ApplyFlags and TrackEvents answer carries `server_time`; `server_time - our receive time`
+    is at most the true offset, and exposures are sent with it: the server stamps an exposure
+    no later than it happened and an event no earlier, so the order holds by construction.
+    The latest answer wins, so a client clock that steps is followed within one flush.
+    """
+
+    def __init__(self) -> None:
+        self.micros: int | None = None
+        self.probed = False
+
+    def observe(self, response: Any, received_ns: int) -> None:
+        """Learn from an answer received at `received_ns` (client clock, read after the answer)."""
+        server_time = getattr(response, "server_time", None)
+        if server_time is not None and response.HasField("server_time"):
+            self.micros = server_time.seconds * 1_000_000 + server_time.nanos // 1000 - received_ns // 1000
+
+    def probe_due(self, requests: Sequence[apb.ApplyFlagsRequest | apb.TrackEventsRequest]) -> bool:
+        """Exposures are about to go out and no bound is known: ask once (an empty TrackEvents)."""
+        if self.micros is not None or self.probed:
+            return False
+        if any(isinstance(r, apb.ApplyFlagsRequest) for r in requests):
+            self.probed = True
+            return True
+        return False
+
+    def probe_request(self, client_secret: str) -> apb.TrackEventsRequest:
+        request = apb.TrackEventsRequest(client_secret=client_secret)
+        request.send_time.CopyFrom(now_timestamp())
+        return request
+
+
 class ClientCore:
     """State and logic of one client, whichever flavour does its I/O."""
 
@@ -250,6 +288,7 @@ class ClientCore:
         self.events = EventQueue(options, self.stats)
         self._last_known = _LRU(options.stale_cache_entries)
         self._last_known_lock = threading.Lock()
+        self.clock = ClockOffset()
 
     # ---- resolve -------------------------------------------------------------------------
 
@@ -428,8 +467,11 @@ class ClientCore:
         """Exposures and events not sent yet."""
         return len(self.exposures) + len(self.events)
 
-    def delivered(self, request: apb.ApplyFlagsRequest | apb.TrackEventsRequest) -> None:
-        """Count a request the server acknowledged."""
+    def delivered(self, request: apb.ApplyFlagsRequest | apb.TrackEventsRequest, response: Any = None,
+                  received_ns: int | None = None) -> None:
+        """Count a request the server acknowledged; learn the clock offset from its answer."""
+        if response is not None:
+            self.clock.observe(response, time.time_ns() if received_ns is None else received_ns)
         if isinstance(request, apb.ApplyFlagsRequest):
             self.stats.exposures_sent += ExposureQueue.size_of(request)
         else:
@@ -467,12 +509,14 @@ class ClientCore:
         """Everything queued as requests; stamp each with `stamp_send_time` as it is handed to gRPC."""
         return [*self.exposures.drain(self.client_secret), *self.events.drain(self.client_secret)]
 
-    @staticmethod
-    def stamp_send_time(request: apb.ApplyFlagsRequest | apb.TrackEventsRequest) -> None:
-        """Set `send_time` to now. Stamped per request at the moment it is sent, not once per batch:
-        the server corrects clock skew as receive - (send - apply), so any delay between the
-        stamp and the real send would shift exposures later than they happened."""
+    def stamp_send_time(self, request: apb.ApplyFlagsRequest | apb.TrackEventsRequest) -> None:
+        """Set `send_time` to now, and on exposures the known lower bound of the clock offset.
+
+        Stamped per request at the moment it is sent: receive - send is the upper bound events
+        are corrected with, and a stamp taken early would only make it looser (later)."""
         request.send_time.CopyFrom(now_timestamp())
+        if isinstance(request, apb.ApplyFlagsRequest) and self.clock.micros is not None:
+            request.clock_offset_micros = self.clock.micros
 
     def should_flush_early(self) -> bool:
         return len(self.exposures) >= self.options.batch_size or len(self.events) >= self.options.batch_size

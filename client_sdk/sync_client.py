@@ -11,6 +11,7 @@ import atexit
 import dataclasses
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -275,7 +276,15 @@ def send_blocking(stubs: Sequence[assignment_pb2_grpc.FlagResolverServiceStub], 
                   core: ClientCore, options: ClientOptions) -> None:
     """Send queued exposures and events concurrently; requeue what failed for a transient reason."""
     sent = []
-    for request in core.drain_all():
+    requests = core.drain_all()
+    if core.clock.probe_due(requests):
+        try:
+            probe = stubs[pool.pick()].TrackEvents(core.clock.probe_request(core.client_secret),
+                                                   timeout=options.deadlines.track)
+            core.clock.observe(probe, time.time_ns())
+        except grpc.RpcError as exc:  # no bound yet: exposures fall back to the server's upper bound
+            log.debug("clock probe failed: %s", exc)
+    for request in requests:
         stub = stubs[pool.pick()]
         core.stamp_send_time(request)
         if isinstance(request, apb.ApplyFlagsRequest):
@@ -284,11 +293,11 @@ def send_blocking(stubs: Sequence[assignment_pb2_grpc.FlagResolverServiceStub], 
             sent.append((stub.TrackEvents.future(request, timeout=options.deadlines.track), request))
     for future, request in sent:
         try:
-            future.result()
+            response = future.result()
         except grpc.RpcError as exc:
             core.delivery_failed(exc, request)
         else:
-            core.delivered(request)
+            core.delivered(request, response, time.time_ns())
 
 
 def deliver_blocking(target: str, core: ClientCore) -> None:

@@ -8,8 +8,9 @@ import os
 from dataclasses import dataclass, field
 
 from model_server import inference, service
+from model_server.batch_pool import BatchPool
 from model_server.coalescing import DEFAULT_MAX_ROWS, DEFAULT_WINDOW_SECONDS, RunCoalescer
-from model_server.decision_log import DecisionLog
+from model_server.decision_log import DEFAULT_MAX_LAG_S, DecisionLog
 from model_server.repository import ModelRepository, VersionPolicy
 from twofold.server import RunningServer, ServiceSetup
 
@@ -36,6 +37,10 @@ class ModelServerConfig:
     # One-row runs joined while calls queue (model_server.coalescing); a window of 0 turns it off.
     coalesce_window_ms: float = DEFAULT_WINDOW_SECONDS * 1000
     coalesce_max_rows: int = DEFAULT_MAX_ROWS
+    # Threads for calls of BATCH_ROWS rows or more (model_server.batch_pool); 0 = one per core, at most 4.
+    pool_threads: int = 0
+    # Decide waits while the decision log's oldest unsynced hand-over is older than this (decision_log).
+    decision_max_lag_ms: float = DEFAULT_MAX_LAG_S * 1000
 
 
 @dataclass
@@ -65,9 +70,11 @@ async def build(config: ModelServerConfig) -> ModelServerParts:
         # mostly holding the GIL). Pay that now, before serving, not in the first compaction
         # while Decide calls are answered.
         await asyncio.to_thread(_warm_arrow)
-        decisions = DecisionLog(writer, durable=config.durable_decisions)
+        decisions = DecisionLog(writer, durable=config.durable_decisions,
+                                max_lag=config.decision_max_lag_ms / 1000)
 
     coalescer = RunCoalescer(config.coalesce_window_ms / 1000, config.coalesce_max_rows)
+    pool = BatchPool(config.pool_threads or None)
 
     async def on_started(running: RunningServer) -> None:
         repository.start_watching()
@@ -80,8 +87,10 @@ async def build(config: ModelServerConfig) -> ModelServerParts:
         await repository.stop_watching()
         if decisions is not None:
             await decisions.close()
+        await asyncio.to_thread(pool.close)
 
     setup = ServiceSetup(
-        services=[service.registration(repository, decisions, coalescer), inference.registration(repository)],
+        services=[service.registration(repository, decisions, coalescer, pool),
+                  inference.registration(repository, pool)],
         on_started=on_started, on_stop=on_stop)
     return ModelServerParts(repository, decisions, setup)

@@ -49,6 +49,11 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
                         "version for up to this long (default 1; 0 turns it off) [TWOFOLD_COALESCE_WINDOW_MS]")
     g.add_argument("--coalesce-max-rows", type=int, default=_optional_int(env_default("coalesce_max_rows", None)),
                    help="rows at which a coalesced run starts at once, 2-63 (default 32) [TWOFOLD_COALESCE_MAX_ROWS]")
+    g.add_argument("--decision-max-lag-ms", type=float,
+                   default=float(env_default("decision_max_lag_ms", "40") or 40),
+                   help="Decide waits (back-pressure) while the decision log's oldest unsynced batch is older "
+                        "than this, so a SIGKILL loses only decisions answered within about the 20 ms batch "
+                        "interval plus this (default 40) [TWOFOLD_DECISION_MAX_LAG_MS]")
     add_server_arguments(parser, default_port=DEFAULT_PORT)
 
 
@@ -77,6 +82,7 @@ def _serve_one(args: argparse.Namespace) -> int:
         repository=args.repository, lake=None if str(args.lake).lower() in ("", "none") else args.lake,
         version_policy=VersionPolicy.parse(args.version_policy), poll_seconds=args.poll_seconds,
         durable_decisions=args.durable_decisions, batch_threads=batch_threads(args),
+        decision_max_lag_ms=args.decision_max_lag_ms, pool_threads=getattr(args, "pool_threads", 0),
         **{k: v for k, v in coalescing.items() if v is not None})
 
     async def setup(_settings: ServerSettings) -> ServiceSetup:
@@ -95,6 +101,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         problems.append("--workers must be at least 1")
     if args.batch_threads < 0:
         problems.append("--batch-threads must be 0 (automatic) or more")
+    if not 1 <= args.decision_max_lag_ms <= 10_000:
+        problems.append("--decision-max-lag-ms must be between 1 and 10000")
     if args.coalesce_window_ms is not None and not 0 <= args.coalesce_window_ms <= 100:
         problems.append("--coalesce-window-ms must be between 0 (off) and 100")
     if args.coalesce_max_rows is not None and not 2 <= args.coalesce_max_rows <= 63:
@@ -110,6 +118,9 @@ def _run_serve(args: argparse.Namespace) -> int:
             print(f"twofold serve-model: {problem}", file=sys.stderr)
         return 2
     args.batch_threads = batch_threads(args)  # before forking: workers see workers=1
+    from model_server.batch_pool import default_threads
+
+    args.pool_threads = default_threads(args.workers)
     if args.workers == 1:
         return _serve_one(args)
     from model_server.workers import run_workers
@@ -210,6 +221,9 @@ def _read_table(path: str) -> Any:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
+    if not Path(path).exists():
+        raise ValueError(f"--data {path}: no such file or folder (`twofold example data --out DIR` writes "
+                         "example training data to DIR/users.parquet)")
     if path.endswith(".parquet") or Path(path).is_dir():
         return pq.read_table(path)
     if path.endswith(".csv"):

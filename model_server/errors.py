@@ -25,3 +25,13 @@ def invalid(message: str, reason: str = "invalid_argument") -> RequestError:
 
 def not_found(message: str, reason: str = "not_found") -> RequestError:
     return RequestError(grpc.StatusCode.NOT_FOUND, message, reason)
+
+
+def expired() -> RequestError:
+    """The call's deadline passed before its work started: the work is skipped (nobody waits for it)."""
+    return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed before the model ran",
+                        "deadline")
+
+
+def too_large(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, "too_large")

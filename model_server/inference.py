@@ -10,15 +10,17 @@ as plain graphs: the caller supplies the `random` input and nothing is logged; u
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import grpc
 import numpy as np
 
+from model_server.batch_pool import BatchPool
 from model_server.errors import RequestError, invalid, not_found
 from model_server.repository import ModelRepository
-from model_server.runtime import LoadedModel
-from model_server.service import internal, refuse
+from model_server.runtime import BATCH_ROWS, LoadedModel
+from model_server.service import check_deadline, check_rows, internal, refuse
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from twofold import __version__
@@ -39,8 +41,9 @@ _CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_c
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """OIP health, metadata and inference for every model in the repository."""
 
-    def __init__(self, repository: ModelRepository) -> None:
+    def __init__(self, repository: ModelRepository, pool: BatchPool | None = None) -> None:
         self.repository = repository
+        self.pool = pool if pool is not None else BatchPool()
 
     async def ServerLive(self, request: pb.ServerLiveRequest,
                          context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
@@ -97,8 +100,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     or any(g < 0 for g in shape):
                 raise invalid(f"input {tensor.name!r} must have shape {list(spec.shape)} (-1: any), got {list(shape)}",
                               "wrong_shape")
+            if shape:
+                check_rows(shape[0], f"input {tensor.name!r}")
             dtype = _DTYPES[tensor.datatype]
-            count = int(np.prod(shape))
+            count = math.prod(shape)  # Python ints: a huge shape cannot wrap around as np.prod's int64 can
             if raw:
                 if len(raw[i]) != count * dtype.itemsize:
                     raise invalid(f"input {tensor.name!r}: shape {list(shape)} of {tensor.datatype} needs "
@@ -124,33 +129,41 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                               "wrong_shape")
         return feeds
 
+    def _infer(self, model: LoadedModel, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """Decode, run and shape one inference (inline when small, in the pool when large)."""
+        feeds = self._inputs(model, request)
+        graph_outputs = [o.name for o in model.session.get_outputs()]
+        wanted = [o.name for o in request.outputs] or graph_outputs
+        unknown = [n for n in wanted if n not in graph_outputs]
+        if unknown:
+            raise not_found(f"model {model.name!r} has no output(s) {unknown} (outputs: {graph_outputs})",
+                            "unknown_output")
+        metrics = model.metrics.methods["ModelInfer"]
+        t0 = time.perf_counter()
+        results = model.run(feeds, wanted)
+        metrics.latency.observe(time.perf_counter() - t0)
+        metrics.requests.inc()
+        metrics.batch.observe(feeds[model.input_name].shape[0])
+        response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+        types = {o.name: o.type for o in model.session.get_outputs()}
+        for name, value in zip(wanted, results, strict=True):
+            datatype = {"tensor(float)": "FP32", "tensor(int64)": "INT64", "tensor(double)": "FP64",
+                        "tensor(int32)": "INT32", "tensor(bool)": "BOOL"}[types[name]]
+            array = np.ascontiguousarray(value, dtype=_DTYPES[datatype])
+            response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+            response.raw_output_contents.append(array.tobytes())
+        return response
+
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         model = None
         try:
             model = self.repository.get(request.model_name, request.model_version)
-            feeds = self._inputs(model, request)
-            graph_outputs = [o.name for o in model.session.get_outputs()]
-            wanted = [o.name for o in request.outputs] or graph_outputs
-            unknown = [n for n in wanted if n not in graph_outputs]
-            if unknown:
-                raise not_found(f"model {model.name!r} has no output(s) {unknown} (outputs: {graph_outputs})",
-                                "unknown_output")
-            metrics = model.metrics.methods["ModelInfer"]
-            t0 = time.perf_counter()
-            results = model.run(feeds, wanted)
-            metrics.latency.observe(time.perf_counter() - t0)
-            metrics.requests.inc()
-            metrics.batch.observe(feeds[model.input_name].shape[0])
-            response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
-            types = {o.name: o.type for o in model.session.get_outputs()}
-            for name, value in zip(wanted, results, strict=True):
-                datatype = {"tensor(float)": "FP32", "tensor(int64)": "INT64", "tensor(double)": "FP64",
-                            "tensor(int32)": "INT32", "tensor(bool)": "BOOL"}[types[name]]
-                array = np.ascontiguousarray(value, dtype=_DTYPES[datatype])
-                response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
-                response.raw_output_contents.append(array.tobytes())
-            return response
+            rows = max((int(t.shape[0]) for t in request.inputs if len(t.shape)), default=0)
+            if rows >= BATCH_ROWS:
+                return await self.pool.run(lambda: self._infer(model, request), context.time_remaining())
+            check_deadline(context)
+            return self._infer(model, request)
         except RequestError as error:
             await refuse(context, error, request.model_name, model)
         except Exception as exc:
@@ -158,6 +171,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         raise AssertionError("unreachable")
 
 
-def registration(repository: ModelRepository) -> ServiceRegistration:
-    return ServiceRegistration(SERVICE_NAME, InferenceServicer(repository),
+def registration(repository: ModelRepository, pool: BatchPool | None = None) -> ServiceRegistration:
+    return ServiceRegistration(SERVICE_NAME, InferenceServicer(repository, pool),
                                pb_grpc.add_GRPCInferenceServiceServicer_to_server)

@@ -12,9 +12,13 @@ an old session is freed when the last call holding it finishes (reference counti
 
 What is refused while the previous version keeps serving: a version directory without a
 manifest (still being written; not counted as a failure), a manifest that does not parse, a
-`model.onnx` whose SHA-256 differs from the manifest (corrupted or half-copied), and a graph
-ONNX Runtime cannot load or that does not match its manifest. A refused version is retried
-only when its files change.
+`model.onnx` whose SHA-256 differs from the manifest (corrupted or half-copied), a graph
+ONNX Runtime cannot load or that does not match its manifest, and a graph that loads but whose
+warm-up run fails. Any exception while loading or warming one version refuses that version only:
+a scan that stopped at the first broken version would leave every later update unapplied and,
+at startup, leave the server unable to start at all (a crash loop on every replica mounting the
+repository). A refused version is counted, logged, listed by ListModels with its reason, and
+retried only when its files change.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +38,7 @@ from model_server.manifest import MANIFEST_FILE, MODEL_FILE, ManifestError, read
 from model_server.metrics import LOAD_FAILURES, LOADED_VERSIONS
 from model_server.runtime import LoadedModel
 from model_server.version_policy import VersionPolicy
+from twofold.metrics import declare
 
 log = logging.getLogger("twofold.model.repository")
 
@@ -47,6 +53,16 @@ class ServedModel:
     versions: Mapping[str, LoadedModel]
     default: LoadedModel
     policy: VersionPolicy
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a version on disk is not served (until its files change)."""
+
+    model: str
+    version: str
+    error: str
+    refused_at: float
 
 
 @dataclass(frozen=True)
@@ -80,6 +96,9 @@ class ModelRepository:
         self.snapshot = Snapshot()
         # (model, version) -> fingerprint of the files that failed, so they are not retried unchanged.
         self._refused: dict[tuple[str, str], object] = {}
+        # (model, version) -> why it was refused, for ListModels; replaced whole by each scan.
+        self.refusals: Mapping[tuple[str, str], Refusal] = {}
+        self._refusals: dict[tuple[str, str], Refusal] = {}
         self._fingerprints: dict[tuple[str, str], object] = {}
         self._lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
@@ -124,6 +143,7 @@ class ModelRepository:
     def _scan_model(self, model_dir: Path, current: ServedModel | None) -> ServedModel | None:
         """Decide (in a worker thread) which versions of one model to serve, loading new ones."""
         name = model_dir.name
+        declare(LOAD_FAILURES, name)
         policy = self._policy_for(model_dir)
         on_disk = sorted((int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()
                           and int(p.name) > 0), reverse=True)
@@ -154,16 +174,14 @@ class ModelRepository:
                 continue
             try:
                 loaded = self._load(name, version, path)
-            except (ManifestError, OSError) as exc:
-                self._refused[key] = fingerprint
-                LOAD_FAILURES.labels(name).inc()
-                log.error("model version refused; previous versions keep serving", extra={"fields": {
-                    "model": name, "version": version, "error": str(exc)}})
+            except Exception as exc:  # whatever breaks one version (warm-up included) must not stop the scan
+                self._refuse(key, fingerprint, exc)
                 if old is not None:
                     chosen[version] = old
                 continue
             self._fingerprints[key] = fingerprint
             self._refused.pop(key, None)
+            self._refusals.pop(key, None)
             log.info("model version loaded", extra={"fields": {"model": name, "version": version,
                                                                 "kind": loaded.manifest.kind}})
             chosen[version] = loaded
@@ -171,6 +189,16 @@ class ModelRepository:
             return None
         ordered = dict(sorted(chosen.items(), key=lambda kv: -int(kv[0])))
         return ServedModel(name, ordered, next(iter(ordered.values())), policy)
+
+    def _refuse(self, key: tuple[str, str], fingerprint: object, exc: BaseException) -> None:
+        """Record a version as refused: counted, logged with the reason, listed by ListModels."""
+        name, version = key
+        reason = str(exc) if isinstance(exc, ManifestError | OSError) else f"{type(exc).__name__}: {exc}"
+        self._refused[key] = fingerprint
+        self._refusals[key] = Refusal(name, version, reason, time.time())
+        LOAD_FAILURES.labels(name).inc()
+        log.error("model version refused; previous versions keep serving", extra={"fields": {
+            "model": name, "version": version, "error": reason}})
 
     def _scan(self) -> dict[str, ServedModel]:
         models: dict[str, ServedModel] = {}
@@ -181,9 +209,17 @@ class ModelRepository:
         for model_dir in sorted(self.root.iterdir()):
             if not model_dir.is_dir() or model_dir.name.startswith((".", "_")):
                 continue
-            served = self._scan_model(model_dir, current.get(model_dir.name))
+            try:
+                served = self._scan_model(model_dir, current.get(model_dir.name))
+            except Exception:  # e.g. the model's folder vanished mid-scan: keep serving what it had
+                log.exception("model scan failed; its loaded versions keep serving", extra={"fields": {
+                    "model": model_dir.name}})
+                served = current.get(model_dir.name)
             if served is not None:
                 models[served.name] = served
+        # Refusals of versions no longer on disk are forgotten (a removed version is not a problem).
+        self.refusals = {k: r for k, r in self._refusals.items() if (self.root / k[0] / k[1]).is_dir()}
+        self._refusals = dict(self.refusals)
         return models
 
     async def refresh(self) -> bool:

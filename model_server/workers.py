@@ -80,12 +80,26 @@ def run_workers(args: argparse.Namespace, serve_one: Callable[[argparse.Namespac
                 os._exit(code)
         children[pid] = index
 
+    signalled: set[int] = set()
+    ever_ready: set[int] = set()
+
+    def ready(index: int) -> bool:
+        return (state_dir / f"worker-{index}.json").exists()
+
+    def forward_stop() -> None:
+        """SIGTERM every worker that is serving. One still starting (a replacement) is signalled once
+        ready: before that its SIGTERM would be the default action, killing it before it recovered
+        its predecessor's write-ahead log or drained anything."""
+        for pid, index in list(children.items()):
+            if pid not in signalled and ready(index):
+                signalled.add(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
-        for pid in list(children):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        forward_stop()
 
     for index in range(args.workers):
         spawn(index)
@@ -115,7 +129,7 @@ def run_workers(args: argparse.Namespace, serve_one: Callable[[argparse.Namespac
                 index = children.pop(pid)
                 multiprocess.mark_process_dead(pid, metrics_dir)
                 code = os.waitstatus_to_exitcode(status)
-                started = (state_dir / f"worker-{index}.json").exists()
+                started = ready(index) or index in ever_ready
                 if not stopping and not started:
                     log.error("worker failed before it was ready; stopping", extra={"fields": {
                         "worker": index, "pid": pid, "exit_code": code}})
@@ -125,10 +139,14 @@ def run_workers(args: argparse.Namespace, serve_one: Callable[[argparse.Namespac
                     log.error("worker exited; starting a replacement", extra={"fields": {
                         "worker": index, "pid": pid, "exit_code": code}})
                     time.sleep(0.5)
+                    ever_ready.add(index)  # a replacement that fails is replaced again, as before
+                    (state_dir / f"worker-{index}.json").unlink(missing_ok=True)  # ready again when it says so
                     spawn(index)
                 elif code != 0:
                     exit_code = code if code > 0 else 1
                 continue
+            if stopping:
+                forward_stop()
             if not published and len(list(state_dir.glob("worker-*.json"))) >= args.workers:
                 published = True
                 if reserved is not None:

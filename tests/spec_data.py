@@ -1,8 +1,9 @@
-"""Where the Confidence resolver conformance data lives: `../shared/conformance/` beside the checkout.
+"""Where the Confidence resolver conformance data lives: `tests/conformance/` in the repository.
 
-DESIGN.md keeps it outside the repository (it is Spotify's data, used as test input only), and CI
-lays `shared/` beside the clone. `TWOFOLD_CONFORMANCE_DIR` points elsewhere. Missing data fails
-loudly: a conformance suite that silently collects no case would pass for the wrong reason.
+The cases are Spotify's test data (Apache-2.0, see the folder's NOTICE.md and LICENSE), kept
+beside the tests so the suite runs from a fresh clone alone. `TWOFOLD_CONFORMANCE_DIR` points
+elsewhere (e.g. a fuller copy of the suite). Missing data fails loudly: a conformance suite
+that silently collects no case would pass for the wrong reason.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+IN_REPOSITORY = ROOT / "tests" / "conformance" / "confidence-resolver-spec"
 
 
 def conformance_dir() -> Path:
     """The folder holding `state.json` and `tests.json`; raises when none is found."""
-    candidates = [os.environ.get("TWOFOLD_CONFORMANCE_DIR"),
-                  str(ROOT.parent / "shared" / "conformance" / "confidence-resolver-spec")]
+    candidates = [os.environ.get("TWOFOLD_CONFORMANCE_DIR"), str(IN_REPOSITORY)]
     for candidate in candidates:
         if candidate and (Path(candidate) / "tests.json").exists():
             return Path(candidate)

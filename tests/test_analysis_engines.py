@@ -246,3 +246,30 @@ def test_serve_analysis_worker_computes_on_spark(spark_engine: Any, lake: Path, 
     written = json.loads((tmp_path / "home-ranking-bandit.json").read_text())
     assert written["units"] == state.analysis.document["units"]
     assert spark_engine.session.sql("SELECT 2 AS two").collect()[0]["two"] == 2
+
+
+def test_rows_with_a_null_unit_or_id_are_excluded_and_counted_alike(spark_engine: Any, lake: Path,
+                                                                  tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from twofold.lake import TABLE_SCHEMAS, write_parquet
+
+    odd = tmp_path / "lake"
+    shutil.copytree(lake, odd)
+    at = dt.datetime(2026, 11, 10, 12, tzinfo=dt.UTC)
+    exposures = {"exposure_id": [None, "x-null-unit", None], "ts": [at] * 3, "unit": ["u1", None, "u2"],
+                 "flag": ["home-ranking"] * 3, "rule": ["home-ranking-experiment"] * 3,
+                 "variant": ["control"] * 3, "assignment_id": ["a"] * 3, "resolve_id": ["r"] * 3,
+                 "client": ["other-tool"] * 3}
+    events = {"event_id": [None, "e-null-unit"], "ts": [at] * 2, "unit": ["u1", None],
+              "name": ["purchase"] * 2, "value": [5.0, 7.0], "properties": ["{}"] * 2}
+    for table, columns in (("exposures", exposures), ("events", events)):
+        schema = TABLE_SCHEMAS[table]
+        frame = pa.table({name: columns.get(name) or [None] * len(next(iter(columns.values())))
+                          for name in schema.names}, schema=schema)
+        write_parquet(frame, odd / table / "date=2026-11-10" / "other-tool.parquet", table)
+    duck = analyze(EXAMPLE, odd, now=LATER).document
+    spark = analyze(EXAMPLE, odd, now=LATER, engine=spark_engine).document
+    assert duck["exclusions"]["exposures_null_id"] == 2 and duck["exclusions"]["exposures_null_unit"] == 1
+    assert duck["exclusions"]["events_null_id"] == 1 and duck["exclusions"]["events_null_unit"] == 1
+    _assert_documents_agree(duck, spark)

@@ -25,7 +25,7 @@ from bench.analysis import pandas_statistics
 from twofold.lake import LakeWriter
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "experiments" / "home-ranking.yaml"
+EXAMPLE = ROOT / "tests" / "data" / "home-ranking-analysis.yaml"  # a fixed experiment of these tests
 T0 = dt.datetime(2026, 11, 3, 12, 0, tzinfo=dt.UTC)
 LATER = dt.datetime(2026, 12, 15, tzinfo=dt.UTC)
 
@@ -199,7 +199,8 @@ def test_crafted_lake_gives_the_hand_computed_statistics(crafted_lake: Path) -> 
     # The same through the whole analysis: units, exclusions, warnings, no crash on tiny samples.
     doc = analyze(config, crafted_lake, now=LATER).document
     assert doc["units"] == {"control": 2, "bandit": 1}
-    assert doc["exclusions"] == {"multiple_variants": 1, "unknown_variant": 1}
+    assert doc["exclusions"] == {"multiple_variants": 1, "unknown_variant": 1, "exposures_null_unit": 0,
+                                 "exposures_null_id": 0, "events_null_unit": 0, "events_null_id": 0}
     assert any("more than one variant" in w for w in doc["warnings"])
     assert any("at least 2 are needed" in w for w in doc["warnings"])
 
@@ -427,3 +428,41 @@ def test_duckdb_runs_one_thread_more_than_its_default_unless_told(tmp_path: Path
     finally:
         tables.connection.close()
         told.connection.close()
+
+
+def test_rows_with_a_null_unit_or_id_are_excluded_and_counted(crafted_lake: Path) -> None:
+    """Contract 3: a lake written by another tool may hold NULL units and ids. Such rows are
+    excluded and counted in `exclusions`, never merged: before, NULL-unit exposures made one
+    phantom control unit and NULL-id events were merged into one event."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    config = parse_experiment(_example(sequential=None, end="2026-12-01", metrics=[
+        {"name": "revenue", "kind": "mean", "event": "purchase", "aggregate": "sum", "window": "7d"},
+        {"name": "purchases", "kind": "mean", "event": "purchase", "aggregate": "count", "window": "7d"}]))
+    before = analyze(config, crafted_lake, now=LATER).document
+    ts = pa.timestamp("us", tz="UTC")
+    exposures = pa.table({
+        "exposure_id": pa.array(["o1", "o2", None], pa.string()),
+        "ts": pa.array([T0, T0 + dt.timedelta(hours=1), T0], ts),
+        "unit": pa.array([None, None, "u7"], pa.string()),
+        "flag": ["home-ranking"] * 3, "rule": ["home-ranking-experiment"] * 3,
+        "variant": ["control", "control", "bandit"], "assignment_id": ["a"] * 3, "resolve_id": ["r"] * 3,
+        "client": ["other-tool"] * 3})
+    events = pa.table({
+        "event_id": pa.array([None, None, None, "o4"], pa.string()),
+        "ts": pa.array([T0 + dt.timedelta(hours=5)] * 4, ts),
+        "unit": pa.array(["u2", "u2", "u1", None], pa.string()),
+        "name": ["purchase"] * 4, "value": pa.array([7.0, 9.0, 4.0, 2.0]), "properties": ["{}"] * 4})
+    for table, data in (("exposures", exposures), ("events", events)):
+        folder = crafted_lake / table / "date=2026-11-03"
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(data, folder / "written-by-another-tool.parquet")
+    after = analyze(config, crafted_lake, now=LATER).document
+    assert after["units"] == before["units"] == {"control": 2, "bandit": 1}
+    assert after["exclusions"] == {**before["exclusions"], "exposures_null_unit": 2, "exposures_null_id": 1,
+                                   "events_null_unit": 1, "events_null_id": 3}
+    # Nothing those rows carried reached a statistic.
+    assert [m["variants"] for m in after["metrics"]] == [m["variants"] for m in before["metrics"]]
+    assert "2 exposure(s) without a unit were excluded (contract 3: never merged into another)" in after["warnings"]
+    assert "3 event(s) without an event_id were excluded (contract 3: never merged into another)" in after["warnings"]

@@ -27,7 +27,7 @@ from twofold.settings import ServerSettings
 from twofold.testing import BackgroundLoop
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "experiments" / "home-ranking.yaml"
+EXAMPLE = ROOT / "tests" / "data" / "home-ranking-analysis.yaml"  # a fixed experiment of these tests
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +182,37 @@ def test_serve_analysis_process(lake: Path, tmp_path: Path) -> None:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_published_looks_survive_a_restart_of_the_worker(bg_loop: BackgroundLoop, lake: Path, tmp_path: Path) -> None:
+    """Every recompute of a sequential experiment is a look, recorded beside the results; a new
+    worker on the same folder carries on counting (the log and the document list every look)."""
+    folder = tmp_path / "experiments"
+    folder.mkdir()
+    base = yaml.safe_load(EXAMPLE.read_text())
+    base["sequential"]["expected_units"] = 10_000_000
+    (folder / "seq.yaml").write_text(yaml.safe_dump(base))
+    out = tmp_path / "out"
+
+    def round_of_a_new_worker() -> dict[str, Any]:
+        worker = AnalysisWorker([folder], lake, every_seconds=3600, out_dir=out)
+        bg_loop.run(worker.run_round(), timeout=120)
+        state = worker.experiments[base["name"]]
+        assert state.error == "" and state.analysis is not None
+        return state.analysis.document
+
+    first = round_of_a_new_worker()
+    assert first["sequential"]["status"] == "open" and len(first["sequential"]["looks_taken"]) == 1
+    second = round_of_a_new_worker()
+    looks = second["sequential"]["looks_taken"]
+    assert [look["units"] for look in looks] == [sum(first["units"].values())] * 2
+    assert looks[0] == first["sequential"]["looks_taken"][0]
+    stored = json.loads((out / f"{base['name']}.looks.json").read_text())
+    assert stored["looks"] == looks
+    assert json.loads((out / f"{base['name']}.json").read_text())["sequential"]["looks_taken"] == looks
+    # A log that cannot be read publishes nothing (a verdict without its looks could break the guarantee).
+    (out / f"{base['name']}.looks.json").write_text("{not json")
+    worker = AnalysisWorker([folder], lake, every_seconds=3600, out_dir=out)
+    bg_loop.run(worker.run_round(), timeout=120)
+    state = worker.experiments[base["name"]]
+    assert state.analysis is None and state.error.startswith("recording the sequential look failed")

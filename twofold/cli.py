@@ -35,6 +35,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("analysis_worker.cli:ANALYZE", "analyze one experiment from the lake"),
     "stats": ("analysis_worker.cli:STATS", "compute results from sufficient statistics in a JSON file"),
     "demo": ("twofold.demo:DEMO", "the end-to-end demo: train, serve, experiment, analyze"),
+    "example": ("twofold.demo.example:EXAMPLE", "write the example's training data or send it example traffic"),
     "serve-echo": ("twofold.echo_cli:SERVE", "run the bare echo service (benchmarks and tests)"),
 }
 
@@ -76,11 +77,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     name = args_list[0]
     command = load_command(name)
-    sub = argparse.ArgumentParser(prog=f"twofold {name}", description=SUBCOMMANDS[name][1])
+    sub = argparse.ArgumentParser(prog=f"twofold {name}", description=SUBCOMMANDS[name][1],
+                                  formatter_class=DefaultsHelpFormatter)
     command.configure(sub)
+    show_defaults(sub)
     args = sub.parse_args(args_list[1:])
     check_choices(sub, args)
     return int(command.run(args) or 0)
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows each option's default, so nobody has to read the code to learn it.
+
+    Skipped where there is nothing to show (no default, a plain switch) or the help text already
+    says it.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or action.default == [] \
+                or "default" in text.lower() or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Give `parser` and every nested subcommand parser the DefaultsHelpFormatter."""
+    parser.formatter_class = DefaultsHelpFormatter
+    for action in parser._actions:  # argparse offers no public view of its subparsers
+        if action.help is None and action.option_strings and action.default not in (None, False, []):
+            action.help = "(default: %(default)s)"  # argparse prints no help line for an option without help
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                show_defaults(child)
 
 
 def check_choices(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -54,6 +54,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prometheus_client import Counter, Gauge
 
+from twofold.metrics import declare
+
 log = logging.getLogger("twofold.lake")
 
 _TS = pa.timestamp("us", tz="UTC")
@@ -223,6 +225,7 @@ class LakeWriter:
             raise ValueError(f"unknown lake table {table!r}; expected one of {sorted(TABLE_SCHEMAS)}")
         self.root = Path(root)
         self.table = table
+        declare(WRITE_FAILURES, table)
         self.schema = TABLE_SCHEMAS[table]
         self._id_column = ID_COLUMN[table]
         self._column_names = frozenset(self.schema.names)
@@ -435,8 +438,8 @@ class LakeWriter:
             self._update_gauges()
             # Barriers (flush) complete only after the rotation above queued their segment.
             for pending in batch:
-                if pending.count == 0 and not pending.future.done():
-                    pending.future.set_result(None)
+                if pending.count == 0:
+                    _settle(pending.future)
         segment = self._segment
         if segment is not None:
             os.close(segment.fd)
@@ -459,7 +462,7 @@ class LakeWriter:
                     frames.append(self._frame(pending.records))
                     accepted.append(pending)
                 except (TypeError, ValueError, OverflowError) as exc:
-                    pending.future.set_exception(ValueError(f"invalid {self.table} record: {exc}"))
+                    _settle(pending.future, ValueError(f"invalid {self.table} record: {exc}"))
             writes = accepted
         if not writes:
             return
@@ -471,7 +474,7 @@ class LakeWriter:
                 log.error("cannot open a write-ahead segment; appends fail", extra={"fields": {
                     "table": self.table, "error": str(exc)}})
                 for p in writes:
-                    p.future.set_exception(exc)
+                    _settle(p.future, exc)
                 return
         segment = self._segment
         assert segment is not None
@@ -485,7 +488,7 @@ class LakeWriter:
             WRITE_FAILURES.labels(self.table).inc()
             log.error("write-ahead append failed", extra={"fields": {"table": self.table, "error": str(exc)}})
             for p in writes:
-                p.future.set_exception(exc)
+                _settle(p.future, exc)
             # A partial frame may be on disk: start a fresh segment so later frames stay readable.
             self._rotate_or_log(force=True)
             return
@@ -498,7 +501,7 @@ class LakeWriter:
         segment.records += count
         RECORDS.labels(self.table).inc(count)
         for p in writes:
-            p.future.set_result(None)
+            _settle(p.future)
 
     def _update_gauges(self) -> None:
         segment = self._segment
@@ -566,7 +569,10 @@ class LakeWriter:
             return 0
         for folder in sorted(p for p in self.wal_root.iterdir() if p.is_dir()):
             own = folder == self.wal_dir
-            lock_fd = None if own else self._try_lock(folder)
+            try:
+                lock_fd = None if own else self._try_lock(folder)
+            except FileNotFoundError:
+                continue  # its writer closed and removed it meanwhile (e.g. another worker shutting down)
             if not own and lock_fd is None:
                 continue  # a live writer owns it
             try:
@@ -601,6 +607,21 @@ class LakeWriter:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _settle(future: concurrent.futures.Future[None], error: BaseException | None = None) -> None:
+    """Complete an append's future, unless its caller gave up on it.
+
+    Why: a caller that is cancelled while it waits (a gRPC call past its deadline) cancels the
+    future; setting a result on it then raises InvalidStateError, which used to end the
+    write-ahead thread, so every later append waited forever. The records are written either
+    way (durable, and a retry with the same ids is deduplicated).
+    """
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
 
 
 def read_table(root: str | os.PathLike[str], table: str, *, dedup: bool = True) -> pa.Table:

@@ -165,6 +165,17 @@ class InstrumentingRegistrar:
         self._server.add_registered_method_handlers(service, wrapped)
 
 
+def declare(counter: Any, *label_values: str) -> None:
+    """Export `counter`'s series for these label values now, at 0, before anything is counted.
+
+    Why: a labelled Prometheus counter has no series until its first increment, and a series
+    born at 1 has no earlier sample, so `increase()` over it stays 0 and an alert on the first
+    failure never fires. Declared when the label set is first known (a lake table opened, a
+    model found in the repository, an experiment loaded), the series goes 0 -> 1 instead.
+    """
+    counter.labels(*label_values)
+
+
 def serve_metrics(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> tuple[Any, int]:
     """Start the Prometheus HTTP endpoint in a daemon thread; return (server, bound port)."""
     httpd, _thread = start_http_server(port, addr=host, registry=registry)

@@ -13,6 +13,8 @@ import pytest
 
 from model_server.app import ModelServerConfig, ModelServerParts, build
 from model_server.bandits import PolicyConfig, fit_linear_arms, publish_policy
+from model_server.manifest import Manifest, read_manifest
+from model_server.publish import publish
 from model_server.training import train_xgboost
 from twofold.server import RunningServer, start_server
 from twofold.settings import ServerSettings
@@ -138,3 +140,35 @@ def metric(body: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in series for k, v in labels.items()):
             total += float(value)
     return total
+
+
+def failing_warm_up_graph(manifest: Manifest) -> bytes:
+    """A classifier graph with the manifest's inputs and outputs that ONNX Runtime loads but cannot run.
+
+    It reshapes the input to a fixed 3 rows, which only fails when run with another row count,
+    as the server's one-row warm-up does: loading, the checksum and the graph-vs-manifest checks
+    all pass, exactly the version the issue saw stop every later update.
+    """
+    from onnx import TensorProto, helper
+
+    width = len(manifest.feature_names)
+    nodes = [
+        helper.make_node("Reshape", ["input", "three_rows"], ["reshaped"]),
+        helper.make_node("Identity", ["reshaped"], ["probabilities"]),
+        helper.make_node("ArgMax", ["reshaped"], ["label"], axis=1, keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "fails-on-warm-up",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, None])],
+        initializer=[helper.make_tensor("three_rows", TensorProto.INT64, [2], [3, width])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def publish_failing_warm_up(root: Path, source: Path) -> str:
+    """Publish (atomically, as trainers do) a version of `source`'s model whose warm-up run fails."""
+    manifest = read_manifest(source)
+    return publish(root, manifest, failing_warm_up_graph(manifest)).version

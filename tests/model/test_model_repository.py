@@ -17,7 +17,15 @@ from model_server.publish import publish
 from model_server.repository import ModelRepository, VersionPolicy
 from model_server.training import train_xgboost
 from protos.twofold.model.v1 import model_pb2, model_pb2_grpc
-from tests.model.conftest import FEATURES, Repo, make_data, metric, scrape, start_model_server
+from tests.model.conftest import (
+    FEATURES,
+    Repo,
+    make_data,
+    metric,
+    publish_failing_warm_up,
+    scrape,
+    start_model_server,
+)
 from twofold.testing import BackgroundLoop
 
 
@@ -129,6 +137,42 @@ def test_broken_versions_are_refused_while_the_previous_one_serves(tmp_path: Pat
                 assert add_version(root, variants, 2) == "6"
                 server.loop.run(server.parts.repository.refresh())
                 assert stub.Predict(model_pb2.PredictRequest(model="ranker", dense=dense(x))).version == "6"
+        finally:
+            loop.run(server.running.stop(0))
+
+
+def test_a_version_failing_its_warm_up_is_refused_alone(tmp_path: Path, model_repo: Repo, variants: Path) -> None:
+    """Loads, passes every check, fails its first run: that version is refused, nothing else is held up.
+
+    Before: the warm-up's error escaped the scan, so no model was updated and `refresh` raised
+    (at startup: the server could not start).
+    """
+    root = fresh_repo(tmp_path, model_repo)
+    source = model_repo.root / "ranker" / "1"
+    assert publish_failing_warm_up(root, source) == "2"
+    other = model_repo.root / "value" / "1"
+    publish(root, read_manifest(other), (other / MODEL_FILE).read_bytes())
+    x, _ = make_data(2, seed=7)
+    with BackgroundLoop() as loop:
+        server = start_model_server(loop, root, None, poll_seconds=0)  # builds = the startup scan
+        try:
+            with grpc.insecure_channel(server.target) as channel:
+                stub = model_pb2_grpc.ModelServiceStub(channel)
+                assert stub.Predict(model_pb2.PredictRequest(model="ranker", dense=dense(x))).version == "1"
+                assert stub.Predict(model_pb2.PredictRequest(model="value", dense=dense(x))).version == "1"
+                body = scrape(server.running.metrics_port or 0)
+                assert metric(body, "twofold_model_load_failures_total", model="ranker") >= 1
+                listed = {m.name: m for m in stub.ListModels(model_pb2.ListModelsRequest()).models}
+                assert [v.version for v in listed["ranker"].versions] == ["1"]
+                [refused] = listed["ranker"].refused_versions
+                assert refused.version == "2" and not refused.ready and "Reshape" in refused.error
+                assert not listed["value"].refused_versions
+                # Other models keep updating after the refusal, and so does this one.
+                publish(root, read_manifest(other), (other / MODEL_FILE).read_bytes())
+                assert add_version(root, variants, 1) == "3"
+                server.loop.run(server.parts.repository.refresh())
+                assert stub.Predict(model_pb2.PredictRequest(model="value", dense=dense(x))).version == "2"
+                assert stub.Predict(model_pb2.PredictRequest(model="ranker", dense=dense(x))).version == "3"
         finally:
             loop.run(server.running.stop(0))
 

@@ -151,21 +151,45 @@ class ServerGroup:
 
 
 class InterruptGuard:
-    """Turn SIGTERM into KeyboardInterrupt while active, so `finally` blocks stop the servers.
+    """Turn Ctrl-C, SIGTERM and SIGHUP into one KeyboardInterrupt, saying "stopping..." at once.
 
-    SIGINT (Ctrl-C) already raises KeyboardInterrupt in the main thread; SIGTERM would kill the
-    demo without running its cleanup, leaving servers behind.
+    Why: SIGTERM and SIGHUP (the terminal closed) would otherwise kill the demo without running
+    its cleanup, leaving its servers running and its --temp folder behind; and Ctrl-C landing
+    in a long step (training, a draining server) looked like nothing happened. The first signal
+    prints a line and raises KeyboardInterrupt, so `finally` blocks stop the servers; later
+    signals only say that stopping is under way, so they cannot cut the cleanup short. Keep
+    the guard active around the cleanup too.
     """
 
-    def __init__(self) -> None:
-        self._previous: object = None
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self, say: Callable[[str], None] | None = None) -> None:
+        self._previous: dict[int, object] = {}
+        self._say = say or say_on_stderr
+        self.stopping = False
 
     def __enter__(self) -> InterruptGuard:
         def handler(signum: int, frame: object) -> None:
-            raise KeyboardInterrupt(f"signal {signum}")
+            name = signal.Signals(signum).name
+            if self.stopping:
+                self._say(f"{name}: still stopping the servers the demo started...")
+                return
+            self.stopping = True
+            self._say(f"\n{name}: stopping... (the servers the demo started, then its temporary files)")
+            raise KeyboardInterrupt(name)
 
-        self._previous = signal.signal(signal.SIGTERM, handler)
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, handler)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGTERM, self._previous)  # type: ignore[arg-type]
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)  # type: ignore[arg-type]
+
+
+def say_on_stderr(message: str) -> None:
+    """Print, unless the terminal is gone (SIGHUP): stopping must not fail on a closed stderr."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass

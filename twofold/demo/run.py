@@ -37,7 +37,7 @@ import numpy as np
 import yaml
 
 from twofold.demo import experiment, world
-from twofold.demo.processes import InterruptGuard, ServerGroup, ServerProcess
+from twofold.demo.processes import InterruptGuard, ServerGroup, ServerProcess, say_on_stderr
 from twofold.demo.progress import Progress
 from twofold.demo.simulate import Visit, draw_outcomes, track_outcomes, visit_all
 from twofold.demo.train import TrainedSystems, Truth, train_systems, true_rates
@@ -234,16 +234,22 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     paths = _prepare(folder)
     group = ServerGroup(paths["logs"])
-    try:
-        with InterruptGuard():
+    guard = InterruptGuard()
+    with guard:  # also around the cleanup: a second Ctrl-C must not leave servers behind
+        interrupted = False
+        try:
             return _run(args, folder, paths, group, progress, started, temp=bool(temp))
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopping the servers the demo started", file=sys.stderr)
-        return 130
-    finally:
-        group.stop_all()
-        if temp:
-            shutil.rmtree(temp, ignore_errors=True)
+        except KeyboardInterrupt:
+            interrupted = True
+            return 130
+        finally:
+            guard.stopping = True
+            group.stop_all()
+            if temp:
+                shutil.rmtree(temp, ignore_errors=True)
+            if interrupted:
+                say_on_stderr("interrupted: every server the demo started is stopped"
+                              + (", its temporary folder removed" if temp else ""))
 
 
 def _run(args: argparse.Namespace, folder: Path, paths: dict[str, Path], group: ServerGroup,

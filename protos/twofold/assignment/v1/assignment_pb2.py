@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-protos/twofold/assignment/v1/assignment.proto\x12\x15twofold.assignment.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8c\x01\n\x13ResolveFlagsRequest\x12\r\n\x05\x66lags\x18\x01 \x03(\t\x12\x33\n\x12\x65valuation_context\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rclient_secret\x18\x03 \x01(\t\x12\r\n\x05\x61pply\x18\x04 \x01(\x08\x12\x0b\n\x03sdk\x18\x05 \x01(\t\"\xd7\x01\n\x0cResolvedFlag\x12\x0c\n\x04\x66lag\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12&\n\x05value\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x34\n\x06reason\x18\x04 \x01(\x0e\x32$.twofold.assignment.v1.ResolveReason\x12\x14\n\x0cshould_apply\x18\x05 \x01(\x08\x12\x0c\n\x04rule\x18\x06 \x01(\t\x12\x0f\n\x07segment\x18\x07 \x01(\t\x12\x15\n\rassignment_id\x18\x08 \x01(\t\"~\n\x14ResolveFlagsResponse\x12;\n\x0eresolved_flags\x18\x01 \x03(\x0b\x32#.twofold.assignment.v1.ResolvedFlag\x12\x15\n\rresolve_token\x18\x02 \x01(\x0c\x12\x12\n\nresolve_id\x18\x03 \x01(\t\"K\n\x0b\x41ppliedFlag\x12\x0c\n\x04\x66lag\x18\x01 \x01(\t\x12.\n\napply_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa7\x01\n\x0fLocalAssignment\x12\x0c\n\x04\x66lag\x18\x01 \x01(\t\x12\x0c\n\x04unit\x18\x02 \x01(\t\x12\x0f\n\x07variant\x18\x03 \x01(\t\x12\x0c\n\x04rule\x18\x04 \x01(\t\x12\x15\n\rassignment_id\x18\x05 \x01(\t\x12\x12\n\nresolve_id\x18\x06 \x01(\t\x12.\n\napply_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf3\x01\n\x11\x41pplyFlagsRequest\x12\x31\n\x05\x66lags\x18\x01 \x03(\x0b\x32\".twofold.assignment.v1.AppliedFlag\x12\x15\n\rclient_secret\x18\x02 \x01(\t\x12\x15\n\rresolve_token\x18\x03 \x01(\x0c\x12-\n\tsend_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x41\n\x11local_assignments\x18\x05 \x03(\x0b\x32&.twofold.assignment.v1.LocalAssignment\x12\x0b\n\x03sdk\x18\x06 \x01(\t\":\n\x12\x41pplyFlagsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\"\xaa\x01\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04unit\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x12\n\x05value\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\nproperties\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructB\x08\n\x06_value\"\x88\x01\n\x12TrackEventsRequest\x12\x15\n\rclient_secret\x18\x01 \x01(\t\x12,\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1c.twofold.assignment.v1.Event\x12-\n\tsend_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\";\n\x13TrackEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\"D\n\x11WatchStateRequest\x12\x15\n\rclient_secret\x18\x01 \x01(\t\x12\x18\n\x10known_generation\x18\x02 \x01(\x04\"r\n\rStateSnapshot\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\x0c\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xfd\x01\n\rResolveReason\x12\x1e\n\x1aRESOLVE_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14RESOLVE_REASON_MATCH\x10\x01\x12#\n\x1fRESOLVE_REASON_NO_SEGMENT_MATCH\x10\x02\x12)\n!RESOLVE_REASON_NO_TREATMENT_MATCH\x10\x03\x1a\x02\x08\x01\x12 \n\x1cRESOLVE_REASON_FLAG_ARCHIVED\x10\x04\x12&\n\"RESOLVE_REASON_TARGETING_KEY_ERROR\x10\x05\x12\x18\n\x14RESOLVE_REASON_ERROR\x10\x06\x32\xa7\x03\n\x13\x46lagResolverService\x12g\n\x0cResolveFlags\x12*.twofold.assignment.v1.ResolveFlagsRequest\x1a+.twofold.assignment.v1.ResolveFlagsResponse\x12\x61\n\nApplyFlags\x12(.twofold.assignment.v1.ApplyFlagsRequest\x1a).twofold.assignment.v1.ApplyFlagsResponse\x12\x64\n\x0bTrackEvents\x12).twofold.assignment.v1.TrackEventsRequest\x1a*.twofold.assignment.v1.TrackEventsResponse\x12^\n\nWatchState\x12(.twofold.assignment.v1.WatchStateRequest\x1a$.twofold.assignment.v1.StateSnapshot0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-protos/twofold/assignment/v1/assignment.proto\x12\x15twofold.assignment.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8c\x01\n\x13ResolveFlagsRequest\x12\r\n\x05\x66lags\x18\x01 \x03(\t\x12\x33\n\x12\x65valuation_context\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rclient_secret\x18\x03 \x01(\t\x12\r\n\x05\x61pply\x18\x04 \x01(\x08\x12\x0b\n\x03sdk\x18\x05 \x01(\t\"\xd7\x01\n\x0cResolvedFlag\x12\x0c\n\x04\x66lag\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12&\n\x05value\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x34\n\x06reason\x18\x04 \x01(\x0e\x32$.twofold.assignment.v1.ResolveReason\x12\x14\n\x0cshould_apply\x18\x05 \x01(\x08\x12\x0c\n\x04rule\x18\x06 \x01(\t\x12\x0f\n\x07segment\x18\x07 \x01(\t\x12\x15\n\rassignment_id\x18\x08 \x01(\t\"~\n\x14ResolveFlagsResponse\x12;\n\x0eresolved_flags\x18\x01 \x03(\x0b\x32#.twofold.assignment.v1.ResolvedFlag\x12\x15\n\rresolve_token\x18\x02 \x01(\x0c\x12\x12\n\nresolve_id\x18\x03 \x01(\t\"K\n\x0b\x41ppliedFlag\x12\x0c\n\x04\x66lag\x18\x01 \x01(\t\x12.\n\napply_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa7\x01\n\x0fLocalAssignment\x12\x0c\n\x04\x66lag\x18\x01 \x01(\t\x12\x0c\n\x04unit\x18\x02 \x01(\t\x12\x0f\n\x07variant\x18\x03 \x01(\t\x12\x0c\n\x04rule\x18\x04 \x01(\t\x12\x15\n\rassignment_id\x18\x05 \x01(\t\x12\x12\n\nresolve_id\x18\x06 \x01(\t\x12.\n\napply_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xad\x02\n\x11\x41pplyFlagsRequest\x12\x31\n\x05\x66lags\x18\x01 \x03(\x0b\x32\".twofold.assignment.v1.AppliedFlag\x12\x15\n\rclient_secret\x18\x02 \x01(\t\x12\x15\n\rresolve_token\x18\x03 \x01(\x0c\x12-\n\tsend_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x41\n\x11local_assignments\x18\x05 \x03(\x0b\x32&.twofold.assignment.v1.LocalAssignment\x12\x0b\n\x03sdk\x18\x06 \x01(\t\x12 \n\x13\x63lock_offset_micros\x18\x07 \x01(\x03H\x00\x88\x01\x01\x42\x16\n\x14_clock_offset_micros\"k\n\x12\x41pplyFlagsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\x12/\n\x0bserver_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xaa\x01\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04unit\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x12\n\x05value\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\nproperties\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructB\x08\n\x06_value\"\x88\x01\n\x12TrackEventsRequest\x12\x15\n\rclient_secret\x18\x01 \x01(\t\x12,\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1c.twofold.assignment.v1.Event\x12-\n\tsend_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"l\n\x13TrackEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\x12/\n\x0bserver_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x11WatchStateRequest\x12\x15\n\rclient_secret\x18\x01 \x01(\t\x12\x18\n\x10known_generation\x18\x02 \x01(\x04\"r\n\rStateSnapshot\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\x0c\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xfd\x01\n\rResolveReason\x12\x1e\n\x1aRESOLVE_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14RESOLVE_REASON_MATCH\x10\x01\x12#\n\x1fRESOLVE_REASON_NO_SEGMENT_MATCH\x10\x02\x12)\n!RESOLVE_REASON_NO_TREATMENT_MATCH\x10\x03\x1a\x02\x08\x01\x12 \n\x1cRESOLVE_REASON_FLAG_ARCHIVED\x10\x04\x12&\n\"RESOLVE_REASON_TARGETING_KEY_ERROR\x10\x05\x12\x18\n\x14RESOLVE_REASON_ERROR\x10\x06\x32\xa7\x03\n\x13\x46lagResolverService\x12g\n\x0cResolveFlags\x12*.twofold.assignment.v1.ResolveFlagsRequest\x1a+.twofold.assignment.v1.ResolveFlagsResponse\x12\x61\n\nApplyFlags\x12(.twofold.assignment.v1.ApplyFlagsRequest\x1a).twofold.assignment.v1.ApplyFlagsResponse\x12\x64\n\x0bTrackEvents\x12).twofold.assignment.v1.TrackEventsRequest\x1a*.twofold.assignment.v1.TrackEventsResponse\x12^\n\nWatchState\x12(.twofold.assignment.v1.WatchStateRequest\x1a$.twofold.assignment.v1.StateSnapshot0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RESOLVEREASON'].values_by_name["RESOLVE_REASON_NO_TREATMENT_MATCH"]._loaded_options = None
   _globals['_RESOLVEREASON'].values_by_name["RESOLVE_REASON_NO_TREATMENT_MATCH"]._serialized_options = b'\010\001'
-  _globals['_RESOLVEREASON']._serialized_start=1737
-  _globals['_RESOLVEREASON']._serialized_end=1990
+  _globals['_RESOLVEREASON']._serialized_start=1893
+  _globals['_RESOLVEREASON']._serialized_end=2146
   _globals['_RESOLVEFLAGSREQUEST']._serialized_start=136
   _globals['_RESOLVEFLAGSREQUEST']._serialized_end=276
   _globals['_RESOLVEDFLAG']._serialized_start=279
@@ -48,19 +48,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOCALASSIGNMENT']._serialized_start=702
   _globals['_LOCALASSIGNMENT']._serialized_end=869
   _globals['_APPLYFLAGSREQUEST']._serialized_start=872
-  _globals['_APPLYFLAGSREQUEST']._serialized_end=1115
-  _globals['_APPLYFLAGSRESPONSE']._serialized_start=1117
-  _globals['_APPLYFLAGSRESPONSE']._serialized_end=1175
-  _globals['_EVENT']._serialized_start=1178
-  _globals['_EVENT']._serialized_end=1348
-  _globals['_TRACKEVENTSREQUEST']._serialized_start=1351
-  _globals['_TRACKEVENTSREQUEST']._serialized_end=1487
-  _globals['_TRACKEVENTSRESPONSE']._serialized_start=1489
-  _globals['_TRACKEVENTSRESPONSE']._serialized_end=1548
-  _globals['_WATCHSTATEREQUEST']._serialized_start=1550
-  _globals['_WATCHSTATEREQUEST']._serialized_end=1618
-  _globals['_STATESNAPSHOT']._serialized_start=1620
-  _globals['_STATESNAPSHOT']._serialized_end=1734
-  _globals['_FLAGRESOLVERSERVICE']._serialized_start=1993
-  _globals['_FLAGRESOLVERSERVICE']._serialized_end=2416
+  _globals['_APPLYFLAGSREQUEST']._serialized_end=1173
+  _globals['_APPLYFLAGSRESPONSE']._serialized_start=1175
+  _globals['_APPLYFLAGSRESPONSE']._serialized_end=1282
+  _globals['_EVENT']._serialized_start=1285
+  _globals['_EVENT']._serialized_end=1455
+  _globals['_TRACKEVENTSREQUEST']._serialized_start=1458
+  _globals['_TRACKEVENTSREQUEST']._serialized_end=1594
+  _globals['_TRACKEVENTSRESPONSE']._serialized_start=1596
+  _globals['_TRACKEVENTSRESPONSE']._serialized_end=1704
+  _globals['_WATCHSTATEREQUEST']._serialized_start=1706
+  _globals['_WATCHSTATEREQUEST']._serialized_end=1774
+  _globals['_STATESNAPSHOT']._serialized_start=1776
+  _globals['_STATESNAPSHOT']._serialized_end=1890
+  _globals['_FLAGRESOLVERSERVICE']._serialized_start=2149
+  _globals['_FLAGRESOLVERSERVICE']._serialized_end=2572
 # @@protoc_insertion_point(module_scope)

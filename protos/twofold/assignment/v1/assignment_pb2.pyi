@@ -97,28 +97,32 @@ class LocalAssignment(_message.Message):
     def __init__(self, flag: _Optional[str] = ..., unit: _Optional[str] = ..., variant: _Optional[str] = ..., rule: _Optional[str] = ..., assignment_id: _Optional[str] = ..., resolve_id: _Optional[str] = ..., apply_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ApplyFlagsRequest(_message.Message):
-    __slots__ = ("flags", "client_secret", "resolve_token", "send_time", "local_assignments", "sdk")
+    __slots__ = ("flags", "client_secret", "resolve_token", "send_time", "local_assignments", "sdk", "clock_offset_micros")
     FLAGS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_SECRET_FIELD_NUMBER: _ClassVar[int]
     RESOLVE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     SEND_TIME_FIELD_NUMBER: _ClassVar[int]
     LOCAL_ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
     SDK_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_OFFSET_MICROS_FIELD_NUMBER: _ClassVar[int]
     flags: _containers.RepeatedCompositeFieldContainer[AppliedFlag]
     client_secret: str
     resolve_token: bytes
     send_time: _timestamp_pb2.Timestamp
     local_assignments: _containers.RepeatedCompositeFieldContainer[LocalAssignment]
     sdk: str
-    def __init__(self, flags: _Optional[_Iterable[_Union[AppliedFlag, _Mapping]]] = ..., client_secret: _Optional[str] = ..., resolve_token: _Optional[bytes] = ..., send_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., local_assignments: _Optional[_Iterable[_Union[LocalAssignment, _Mapping]]] = ..., sdk: _Optional[str] = ...) -> None: ...
+    clock_offset_micros: int
+    def __init__(self, flags: _Optional[_Iterable[_Union[AppliedFlag, _Mapping]]] = ..., client_secret: _Optional[str] = ..., resolve_token: _Optional[bytes] = ..., send_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., local_assignments: _Optional[_Iterable[_Union[LocalAssignment, _Mapping]]] = ..., sdk: _Optional[str] = ..., clock_offset_micros: _Optional[int] = ...) -> None: ...
 
 class ApplyFlagsResponse(_message.Message):
-    __slots__ = ("accepted", "duplicates")
+    __slots__ = ("accepted", "duplicates", "server_time")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     duplicates: int
-    def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
+    server_time: _timestamp_pb2.Timestamp
+    def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ..., server_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("event_id", "unit", "name", "value", "time", "properties")
@@ -147,12 +151,14 @@ class TrackEventsRequest(_message.Message):
     def __init__(self, client_secret: _Optional[str] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., send_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class TrackEventsResponse(_message.Message):
-    __slots__ = ("accepted", "duplicates")
+    __slots__ = ("accepted", "duplicates", "server_time")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     duplicates: int
-    def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
+    server_time: _timestamp_pb2.Timestamp
+    def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ..., server_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class WatchStateRequest(_message.Message):
     __slots__ = ("client_secret", "known_generation")

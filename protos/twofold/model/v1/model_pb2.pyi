@@ -122,17 +122,19 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("version", "ready", "loaded_at_unix_ms")
+    __slots__ = ("version", "ready", "loaded_at_unix_ms", "error")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     LOADED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     version: str
     ready: bool
     loaded_at_unix_ms: int
-    def __init__(self, version: _Optional[str] = ..., ready: bool = ..., loaded_at_unix_ms: _Optional[int] = ...) -> None: ...
+    error: str
+    def __init__(self, version: _Optional[str] = ..., ready: bool = ..., loaded_at_unix_ms: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "kind", "feature_names", "output_names", "arms", "versions", "default_version")
+    __slots__ = ("name", "kind", "feature_names", "output_names", "arms", "versions", "default_version", "refused_versions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     FEATURE_NAMES_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +142,7 @@ class ModelInfo(_message.Message):
     ARMS_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     feature_names: _containers.RepeatedScalarFieldContainer[str]
@@ -147,7 +150,8 @@ class ModelInfo(_message.Message):
     arms: _containers.RepeatedScalarFieldContainer[str]
     versions: _containers.RepeatedCompositeFieldContainer[ModelVersion]
     default_version: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., output_names: _Optional[_Iterable[str]] = ..., arms: _Optional[_Iterable[str]] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., default_version: _Optional[str] = ...) -> None: ...
+    refused_versions: _containers.RepeatedCompositeFieldContainer[ModelVersion]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., output_names: _Optional[_Iterable[str]] = ..., arms: _Optional[_Iterable[str]] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., default_version: _Optional[str] = ..., refused_versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
