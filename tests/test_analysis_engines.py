@@ -26,7 +26,7 @@ from analysis_worker.sql import MULTIPLE, UNKNOWN, per_unit_query, stat_columns
 from analysis_worker.synthetic import write_synthetic_lake
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "experiments" / "home-ranking.yaml"
+EXAMPLE = ROOT / "tests" / "data" / "home-ranking-analysis.yaml"  # the synthetic lake's experiment
 LATER = dt.datetime(2026, 12, 15, tzinfo=dt.UTC)
 # The synthetic lake starts on 2026-11-01, the day Los Angeles leaves daylight saving time
 # (09:00 UTC); a third of its units are first exposed before 08:00 UTC, the previous day there.
