@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from twofold.cli import Command
+from twofold.lakestore import add_storage_arguments, apply_storage_arguments
 from twofold.server import ServerSettings, ServiceSetup, run_service
 from twofold.settings import add_server_arguments, env_default
 
@@ -60,8 +61,8 @@ def _engine(args: argparse.Namespace) -> Engine:
 def _configure_analyze(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", help="experiment definition (YAML)")
     parser.add_argument("--lake", default=env_default("lake", "data/lake"),
-                        help="lake folder (contract 3), or a URL Spark reads (s3://, gs://, hdfs://) "
-                             "[TWOFOLD_LAKE, default data/lake]")
+                        help="lake folder or URL, e.g. s3://bucket/lake (contract 3) [TWOFOLD_LAKE, default data/lake]")
+    add_storage_arguments(parser)
     parser.add_argument("--out", default="results",
                         help="folder for <experiment>.json and <experiment>.html (default ./results)")
     parser.add_argument("--format", choices=["table", "json"], default="table", help="what to print on stdout")
@@ -76,6 +77,7 @@ def _configure_analyze(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
+    apply_storage_arguments(args)
     from analysis_worker.analyze import analyze
     from analysis_worker.config import ConfigError, load_experiment
     from analysis_worker.report import render_table
@@ -178,7 +180,9 @@ def parse_every(value: str) -> float:
 def _configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiments", nargs="+", default=[env_default("experiments", "experiments")],
                         help="experiment YAML files or folders of them [TWOFOLD_EXPERIMENTS]")
-    parser.add_argument("--lake", default=env_default("lake", "data/lake"), help="lake folder [TWOFOLD_LAKE]")
+    parser.add_argument("--lake", default=env_default("lake", "data/lake"),
+                        help="lake folder or URL (s3://bucket/lake) [TWOFOLD_LAKE]")
+    add_storage_arguments(parser)
     parser.add_argument("--every", type=parse_every, default=parse_every(env_default("every", "15m") or "15m"),
                         help="recompute every experiment this often, e.g. 15m, 1h [TWOFOLD_EVERY]")
     parser.add_argument("--out", default=env_default("results_dir", None),
@@ -192,6 +196,7 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    apply_storage_arguments(args)
     from analysis_worker.service import AnalysisWorker, registration
 
     missing = [p for p in args.experiments if not Path(p).exists()]

@@ -4,18 +4,21 @@ The tables are exposed to the metric SQL as views named `exposures` and `events`
 partition column `date`), so the query itself never mentions paths and reads the same on Spark or
 Trino. Only
 `<root>/<table>/date=*/*.parquet` is read: the write-ahead log under `<root>/_wal/` and the
-temporary `.*.tmp` files of a compaction in progress are invisible by construction.
+temporary `.*.tmp` files of a compaction in progress are invisible by construction. The root is a
+folder or an object-store URL (`s3://bucket/prefix`); `twofold.lake_read` says how each is read.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+
+from twofold.lake_read import table_source
+from twofold.lakestore import LakeStoreError, open_store
 
 TABLE_COLUMNS: dict[str, str] = {
     "exposures": ("exposure_id VARCHAR, ts TIMESTAMPTZ, unit VARCHAR, flag VARCHAR, rule VARCHAR, variant VARCHAR, "
@@ -44,13 +47,11 @@ def table_pattern(root: str | os.PathLike[str], table: str) -> str:
 
 
 def table_files(root: str | os.PathLike[str], table: str) -> list[str]:
-    """The table's Parquet files, skipping names that start with `.` or `_` as Hadoop readers do.
-
-    Spark, Hive and Trino never read such files (a writer's temporary or marker files); DuckDB's
-    own glob would, so the list is made here and every engine reads the same files.
-    """
-    return sorted(path for path in glob.glob(table_pattern(root, table))
-                  if not os.path.basename(path).startswith((".", "_")))
+    """The table's Parquet files as every engine reads them (`twofold.lake_read.table_source`'s list):
+    under `date=*/`, none whose name starts with `.` or `_` (as Hadoop readers skip them)."""
+    store = open_store(root)
+    return [store.full_path(f.path) for f in store.list_files(f"{table}/")
+            if f.path.split("/")[1].startswith("date=") and not f.path.rsplit("/", 1)[-1].startswith("_")]
 
 
 def _sql_string(value: str) -> str:
@@ -77,8 +78,11 @@ def open_lake(root: str | os.PathLike[str], *, threads: int | None = None,
     columns (so the query still runs and the caller decides what to report); `present` says which
     tables really exist.
     """
-    path = Path(root)
-    if not path.is_dir():
+    try:
+        store = open_store(root)
+    except LakeStoreError as exc:
+        raise LakeError(str(exc)) from exc
+    if store.local and not Path(store.full_path("")).is_dir():
         raise LakeError(f"lake folder {os.fspath(root)!r} does not exist")
     con = duckdb.connect(database=":memory:")
     con.execute("SET TimeZone = 'UTC'")
@@ -96,15 +100,16 @@ def open_lake(root: str | os.PathLike[str], *, threads: int | None = None,
     present: dict[str, bool] = {}
     files: dict[str, int] = {}
     for table, columns in TABLE_COLUMNS.items():
-        matches = table_files(root, table)
-        present[table] = bool(matches)
-        files[table] = len(matches)
-        if matches:
+        try:
+            source = table_source(con, store, table, hive_partitioning=True)
+        except OSError as exc:  # an object store that refuses the listing (credentials, no bucket)
+            raise LakeError(f"cannot list the lake {os.fspath(root)!r}: {exc}") from exc
+        present[table] = source is not None
+        files[table] = source.files if source else 0
+        if source is not None:
             select_list = ", ".join(c.split()[0] for c in columns.split(", "))
-            listed = ", ".join(_sql_string(m) for m in matches)
             # `date` is the Hive partition of the file: a predicate on it skips whole days unread.
-            con.execute(f"CREATE VIEW {table} AS SELECT {select_list} FROM read_parquet([{listed}], "
-                        "hive_partitioning = true, hive_types = {'date': DATE})")
+            con.execute(f"CREATE VIEW {table} AS SELECT {select_list} FROM {source.sql}")
         else:
             casts = ", ".join(f"CAST(NULL AS {c.split()[1]}) AS {c.split()[0]}" for c in columns.split(", "))
             con.execute(f"CREATE VIEW {table} AS SELECT {casts} WHERE FALSE")

@@ -84,7 +84,7 @@ class AnalysisWorker:
                  out_dir: str | Path | None = None, threads: int | None = None,
                  memory_limit: str | None = None, engine: Engine | None = None) -> None:
         self.paths = [Path(p) for p in experiment_paths]
-        self.lake = Path(lake)
+        self.lake = lake  # a folder or an object-store URL (a Path would mangle s3://)
         self.every_seconds = every_seconds
         self.out_dir = Path(out_dir) if out_dir else None
         self.threads = threads

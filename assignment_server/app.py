@@ -12,6 +12,7 @@ from assignment_server.service import SERVICE_NAME, FlagResolverServicer, add_to
 from assignment_server.state_source import StateSource
 from assignment_server.tokens import TokenCodec, load_key
 from twofold.lake import LakeWriter
+from twofold.lakestore import is_url
 from twofold.resolver import open_store
 from twofold.server import RunningServer, ServiceRegistration, ServiceSetup
 from twofold.settings import ServerSettings
@@ -19,17 +20,24 @@ from twofold.settings import ServerSettings
 log = logging.getLogger("twofold.assignment")
 
 
+def beside_lake(args: argparse.Namespace, name: str) -> Path:
+    """A local file next to the lake folder; for an object-store lake, in the write-ahead folder."""
+    if is_url(args.lake):
+        return Path(getattr(args, "wal_dir", None) or ".") / name
+    return Path(args.lake).resolve().parent / name
+
+
 def open_materializations(args: argparse.Namespace) -> StickyStore:
     """The sticky-assignment store `--materializations` names (default: SQLite beside the lake)."""
-    spec = getattr(args, "materializations", None) or str(Path(args.lake).resolve().parent / "materializations.sqlite")
+    spec = getattr(args, "materializations", None) or str(beside_lake(args, "materializations.sqlite"))
     store = open_store(spec, timeout=getattr(args, "materializations_timeout", None))
     return StickyStore(store, timeout=getattr(args, "materializations_timeout", None),
                        cache_size=getattr(args, "materializations_cache", 100_000))
 
 
-def served_allocations_path(spec: str | None, lake: str) -> Path:
+def served_allocations_path(spec: str | None, args: argparse.Namespace) -> Path:
     """Where the server records the allocation it serves (default: beside the lake)."""
-    return Path(spec) if spec else Path(lake).resolve().parent / "served-allocations.json"
+    return Path(spec) if spec else beside_lake(args, "served-allocations.json")
 
 
 def build_setup(args: argparse.Namespace) -> Callable[[ServerSettings], Awaitable[ServiceSetup]]:
@@ -37,18 +45,26 @@ def build_setup(args: argparse.Namespace) -> Callable[[ServerSettings], Awaitabl
 
     async def setup(settings: ServerSettings) -> ServiceSetup:
         source = StateSource(args.flags, poll_interval=args.reload_interval,
-                             served_lock=served_allocations_path(getattr(args, "served_allocations", None), args.lake))
+                             served_lock=served_allocations_path(getattr(args, "served_allocations", None), args))
         served = source.load_initial()
         key, origin = load_key(getattr(args, "token_key", None), getattr(args, "token_key_file", None))
         if origin == "generated at startup":
             log.warning("no token key configured; generated one (resolve tokens will not survive a restart "
                         "or work across replicas): set TWOFOLD_TOKEN_KEY")
-        exposures = LakeWriter(args.lake, "exposures")
-        events = LakeWriter(args.lake, "events")
+        writer = {"writer_id": getattr(args, "writer_id", None), "wal_dir": getattr(args, "wal_dir", None)}
+        exposures = LakeWriter(args.lake, "exposures", **writer)
+        events = LakeWriter(args.lake, "events", **writer)
         await exposures.start()
-        await events.start()
+        try:
+            await events.start()
+        except BaseException:
+            await exposures.close()
+            raise
         store = open_materializations(args)
         servicer = FlagResolverServicer(source, exposures, events, TokenCodec(key), store)
+        # Ids stored shortly before a restart: a client resending a batch whose answer it never
+        # got is told "duplicates" instead of storing it twice (issue 14.6).
+        servicer.remember_stored(exposures.recent_ids(), events.recent_ids())
         log.info("assignment server ready", extra={"fields": {
             "flags": str(args.flags), "lake": str(args.lake), "generation": served.generation,
             "token_key": origin, "materializations": store.store.describe()}})

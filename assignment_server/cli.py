@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from twofold.cli import Command
+from twofold.lakestore import add_writer_arguments
 from twofold.settings import add_server_arguments, env_default
 
 if TYPE_CHECKING:
@@ -38,7 +39,9 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--flags", default=env_default("flags", None), required=env_default("flags", None) is None,
                    help="folder of flag YAML files, or a Confidence JSON state file [TWOFOLD_FLAGS]")
     g.add_argument("--lake", default=env_default("lake", "data/lake"),
-                   help="lake root for exposures and events [TWOFOLD_LAKE]")
+                   help="lake root for exposures and events: a folder or a URL (s3://bucket/prefix, "
+                        "gs://...) [TWOFOLD_LAKE]")
+    add_writer_arguments(g)
     g.add_argument("--materializations", default=env_default("materializations", None), type=_store_spec,
                    help="store for sticky assignments: a SQLite file (default <lake>/../materializations.sqlite), "
                         "redis://host:port/db or rediss:// (shared by all replicas; password in "
@@ -68,9 +71,11 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from assignment_server.app import build_setup
     from assignment_server.authoring.errors import FlagFileError
+    from twofold.lakestore import LakeStoreError, apply_storage_arguments
     from twofold.resolver import StateError
     from twofold.server import run_service
 
+    apply_storage_arguments(args)
     try:
         return run_service(args, build_setup(args))
     except (FlagFileError, StateError, OSError) as exc:
@@ -79,6 +84,10 @@ def _run_serve(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)
         print(f"twofold serve-assignment: cannot load the flag source {args.flags}", file=sys.stderr)
+        return 2
+    except (LakeStoreError, ValueError, RuntimeError) as exc:
+        # A lake it cannot write to, a bad writer id or one in use: refuse before acknowledging anything.
+        print(f"twofold serve-assignment: {exc}", file=sys.stderr)
         return 2
 
 

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
-from google.protobuf import timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 from prometheus_client import Counter
 
@@ -139,6 +139,17 @@ async def _reject_undecodable(request: Any, context: grpc.aio.ServicerContext) -
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid protobuf message")
 
 
+def _properties_json(properties: struct_pb2.Struct) -> str:
+    """An event's properties as canonical JSON; "{}" without building it for the common empty case.
+
+    Measured by bench/lake.py: the conversion cost 2.2 us per event, two thirds of the handler's
+    per-event work, for events that mostly carry no properties.
+    """
+    if not properties.fields:
+        return "{}"
+    return json.dumps(struct_to_dict(properties), sort_keys=True, separators=(",", ":"))
+
+
 def normalize_flag(name: str) -> str:
     return name if name.startswith("flags/") else f"flags/{name}"
 
@@ -161,6 +172,13 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
         # Resolve ids: unique without a system call per resolve (random per process + counter).
         self._id_prefix = os.urandom(8).hex()
         self._id_counter = itertools.count()
+
+    def remember_stored(self, exposure_ids: Iterable[str], event_ids: Iterable[str]) -> None:
+        """Seed the duplicate filters with ids already in the lake (read back by the writers at start)."""
+        for eid in exposure_ids:
+            self._seen_exposures.add(eid)
+        for eid in event_ids:
+            self._seen_events.add(eid)
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -402,8 +420,7 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
                 ts = receive
             records.append({"event_id": e.event_id, "ts": ts, "unit": e.unit, "name": e.name,
                             "value": e.value if e.HasField("value") else None,
-                            "properties": json.dumps(struct_to_dict(e.properties), sort_keys=True,
-                                                     separators=(",", ":"))})
+                            "properties": _properties_json(e.properties)})
         if records:
             for eid in batch_ids:
                 self._seen_events.add(eid)

@@ -76,8 +76,12 @@ class AsyncClient(ClientSurface):
 
     async def resolve(self, flag: str, unit: str, context: Mapping[str, Any] | None = None, *,
                       default: Any = None) -> FlagResult:
-        results = await self.resolve_many([flag], unit, context, defaults={flag_name(flag): default})
-        return results[flag_name(flag)]
+        # A plan exists only once a state arrived, i.e. after the background tasks started.
+        result = self._resolve_planned(flag, unit, context, default)
+        if result is not None:
+            return result
+        name = flag_name(flag)
+        return (await self.resolve_many([flag], unit, context, defaults={name: default}))[name]
 
     async def resolve_many(self, flags: Sequence[str], unit: str, context: Mapping[str, Any] | None = None, *,
                            defaults: Mapping[str, Any] | None = None) -> dict[str, FlagResult]:
@@ -112,8 +116,7 @@ class AsyncClient(ClientSurface):
 
     def apply(self, result: FlagResult) -> None:
         """Log the exposure of `result` now that its value is used (batched, deduplicated)."""
-        self._core.use(result)
-        if self._wake is not None and self._core.should_flush_early():
+        if self._core.use(result) and self._wake is not None:
             self._wake.set()
 
     async def decide(self, flag: str, unit: str, context: Mapping[str, Any] | None = None, *,

@@ -10,7 +10,9 @@ records are dropped and counted rather than growing without limit.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import threading
 import time
 import uuid
@@ -24,8 +26,9 @@ import grpc
 from client_sdk.convert import now_timestamp, python_to_struct, struct_to_python, timestamp_from_ns
 from client_sdk.errors import TwofoldError
 from client_sdk.local import LocalState
+from client_sdk.names import flag_name, variant_name
 from client_sdk.options import ClientOptions
-from client_sdk.results import Decision, ErrorCode, FlagResult, Reason
+from client_sdk.results import Decision, ErrorCode, FlagResult, Reason, local_flag_result
 from client_sdk.systems import SystemFn, SystemRegistry
 from protos.twofold.assignment.v1 import assignment_pb2 as apb
 from twofold import __version__
@@ -44,6 +47,14 @@ _REASONS = {
     apb.RESOLVE_REASON_ERROR: Reason.ERROR,
 }
 
+# The in-process resolver's reasons (the ResolveReason names) straight to the SDK's.
+_LOCAL_REASONS = {name: _REASONS.get(apb.ResolveReason.Value(name), Reason.ERROR)
+                  for name in apb.ResolveReason.keys()}
+_LOCAL_ERRORS = {
+    Reason.TARGETING_KEY_ERROR: (ErrorCode.TARGETING_KEY_MISSING, "the unit is missing, not a string or too long"),
+    Reason.ERROR: (ErrorCode.GENERAL, "the resolver reported an error"),
+}
+
 # Codes that mean "the server is not there or not answering": serve the last known value.
 _OUTAGE_CODES = {
     grpc.StatusCode.UNAVAILABLE: ErrorCode.UNAVAILABLE,
@@ -60,19 +71,6 @@ _REQUEST_CODES = {
     grpc.StatusCode.UNAUTHENTICATED: ErrorCode.UNAUTHENTICATED,
     grpc.StatusCode.PERMISSION_DENIED: ErrorCode.UNAUTHENTICATED,
 }
-
-
-def flag_name(flag: str) -> str:
-    """The short flag name: "flags/home-ranking" and "home-ranking" both give "home-ranking"."""
-    return flag[len("flags/"):] if flag.startswith("flags/") else flag
-
-
-def variant_name(variant: str) -> str | None:
-    """The short variant name from "flags/<flag>/variants/<name>", None when empty."""
-    if not variant:
-        return None
-    _, sep, tail = variant.rpartition("/variants/")
-    return tail if sep else variant
 
 
 @dataclass
@@ -110,6 +108,20 @@ class _LRU:
         if len(self._data) > self.capacity:
             self._data.popitem(last=False)
 
+    def mark_unless_recent(self, key: Any, now_ns: int, window_ns: float) -> bool:
+        """Record `key` at `now_ns` and return True, unless it was recorded less than `window_ns`
+        ago (then False, and the first time stays: the window runs from the first sighting)."""
+        data = self._data
+        seen = data.get(key)
+        if seen is not None:
+            if now_ns - seen < window_ns:
+                return False
+            data.move_to_end(key)
+        data[key] = now_ns
+        if len(data) > self.capacity:
+            data.popitem(last=False)
+        return True
+
     def __len__(self) -> int:
         return len(self._data)
 
@@ -124,34 +136,37 @@ class ExposureQueue:
         self._seen = _LRU(options.exposure_dedup_entries)
         # resolve token -> [(flag, apply time ns)]; dict keeps insertion order for oldest-first drops.
         self._by_token: OrderedDict[bytes, list[tuple[str, int]]] = OrderedDict()
-        self._local: deque[apb.LocalAssignment] = deque()
+        # Local exposures as (flag, unit, variant, rule, assignment id, resolve id, apply time ns).
+        self._local: deque[tuple[str, str, str, str, str, str, int]] = deque()
         self._count = 0
+        self._window_ns = options.exposure_dedup_seconds * 1e9
 
     def __len__(self) -> int:
         return self._count
 
     def add(self, result: FlagResult, now_ns: int | None = None) -> bool:
-        """Queue the exposure of `result`; False when it was a duplicate or needs no exposure."""
+        """Queue the exposure of `result`; False when it was a duplicate or needs no exposure.
+
+        Only a tuple is queued: the protobuf records are built when a batch is drained, on the
+        background sender, so a local resolve's exposure costs the request path ~1-2 µs.
+        """
         if not result.should_apply or result.variant is None:
             return False
         now_ns = time.time_ns() if now_ns is None else now_ns
         key = (result.unit, result.flag, result.variant)
         with self._lock:
-            seen = self._seen.get(key)
-            if seen is not None and now_ns - seen < self._options.exposure_dedup_seconds * 1e9:
+            if not self._seen.mark_unless_recent(key, now_ns, self._window_ns):
                 self._stats.exposures_deduplicated += 1
                 return False
-            self._seen.put(key, now_ns)
             if result.local:
-                self._local.append(apb.LocalAssignment(
-                    flag=f"flags/{result.flag}", unit=result.unit, variant=result.variant, rule=result.rule,
-                    assignment_id=result.assignment_id, resolve_id=result.resolve_id,
-                    apply_time=timestamp_from_ns(now_ns)))
+                self._local.append((result.flag, result.unit, result.variant, result.rule, result.assignment_id,
+                                    result.resolve_id, now_ns))
             else:
                 self._by_token.setdefault(result.resolve_token, []).append((f"flags/{result.flag}", now_ns))
             self._count += 1
             self._stats.exposures_queued += 1
-            self._trim()
+            if self._count > self._options.max_buffered:
+                self._trim()
         return True
 
     def _trim(self) -> None:
@@ -174,14 +189,20 @@ class ExposureQueue:
                     client_secret=client_secret, resolve_token=token, sdk=SDK_NAME,
                     flags=[apb.AppliedFlag(flag=flag, apply_time=timestamp_from_ns(ns)) for flag, ns in flags])
                 for token, flags in self._by_token.items()]
-            local = list(self._local)
+            local_exposures = list(self._local)
             self._by_token.clear()
             self._local.clear()
             self._count = 0
-        size = self._options.batch_size
-        for start in range(0, len(local), size):
-            requests.append(apb.ApplyFlagsRequest(client_secret=client_secret, sdk=SDK_NAME,
-                                                  local_assignments=local[start:start + size]))
+        size = self._options.batch_size  # the records are built outside the lock
+        for start in range(0, len(local_exposures), size):
+            request = apb.ApplyFlagsRequest(client_secret=client_secret, sdk=SDK_NAME)
+            add = request.local_assignments.add
+            for flag, unit, variant, rule, assignment_id, resolve_id, apply_ns in local_exposures[start:start + size]:
+                # In place: a record built apart and then copied in costs about twice as much.
+                apply_time = add(flag=f"flags/{flag}", unit=unit, variant=variant, rule=rule,
+                                 assignment_id=assignment_id, resolve_id=resolve_id).apply_time
+                apply_time.seconds, apply_time.nanos = divmod(apply_ns, 1_000_000_000)
+            requests.append(request)
         return requests
 
     def requeue(self, request: apb.ApplyFlagsRequest) -> None:
@@ -191,7 +212,8 @@ class ExposureQueue:
                 self._by_token.setdefault(request.resolve_token, []).extend(
                     (f.flag, f.apply_time.ToNanoseconds()) for f in request.flags)
                 self._count += len(request.flags)
-            self._local.extend(request.local_assignments)
+            self._local.extend((flag_name(la.flag), la.unit, la.variant, la.rule, la.assignment_id, la.resolve_id,
+                                la.apply_time.ToNanoseconds()) for la in request.local_assignments)
             self._count += len(request.local_assignments)
             self._trim()
 
@@ -289,6 +311,14 @@ class ClientCore:
         self._last_known = _LRU(options.stale_cache_entries)
         self._last_known_lock = threading.Lock()
         self.clock = ClockOffset()
+        # Local resolve ids: a random prefix per client and a counter, as the server makes its own;
+        # uuid4() would read the OS's random source on every resolve (slow on some VMs).
+        self._resolve_id_prefix = os.urandom(8).hex()
+        self._resolve_counter = itertools.count()
+
+    def new_resolve_id(self) -> str:
+        """A unique id for one local resolve (32 hex digits, like the server's)."""
+        return f"{self._resolve_id_prefix}{next(self._resolve_counter):016x}"
 
     # ---- resolve -------------------------------------------------------------------------
 
@@ -343,7 +373,10 @@ class ClientCore:
                             error_code=error_code, error_message=error_message, rule=rule, segment=segment,
                             assignment_id=assignment_id, resolve_id=resolve_id, should_apply=should_apply,
                             local=local, resolve_token=token)
-        if result.variant is not None and reason is Reason.MATCH:
+        # Kept to serve STALE when a later ResolveFlags fails. Local answers are not: they need no
+        # server, and holding up to `stale_cache_entries` results for them cost every local
+        # resolve more than the resolve itself (memory traffic and garbage-collector scans).
+        if not local and result.variant is not None and reason is Reason.MATCH:
             with self._last_known_lock:
                 self._last_known.put((name, unit), result)
         return result
@@ -410,6 +443,48 @@ class ClientCore:
                                               f"flag {name!r} is not in the state this client may see")
         return out
 
+    def resolve_planned(self, local: LocalState, flag: str, unit: str, context: Mapping[str, Any] | None,
+                        default: Any, copy_value: bool = True) -> FlagResult | None:
+        """One flag resolved in process with the state's plan for it: the same result as
+        `resolve_locally`, without the per-call lookups. None when there is no plan (no state yet,
+        a flag unknown to this client or needing the server) or the resolver raised: the general
+        path then gives the answer (and reports the error).
+
+        `copy_value=False` leaves the value shared with the state, for a caller that only reads
+        it and hands out nothing mutable (the OpenFeature provider); never return such a result.
+        """
+        plan = local.plan(flag)
+        if plan is None:
+            return None
+        ctx = dict(context) if context else {}
+        ctx[TARGETING_KEY] = unit
+        try:
+            rf = plan.resolve_flag(plan.flag, ctx, plan.client)
+        except Exception:
+            return None
+        self.stats.resolves += 1
+        error_code = error_message = None
+        if rf.reason == "RESOLVE_REASON_MATCH":  # str comparison: an Enum's hash runs in Python
+            reason = Reason.MATCH
+        else:
+            reason = _LOCAL_REASONS[rf.reason]
+            if reason is Reason.TARGETING_KEY_ERROR or reason is Reason.ERROR:
+                error_code, error_message = _LOCAL_ERRORS[reason]
+        value = rf.value
+        short = None
+        if rf.variant:
+            short, copy = plan.variants[rf.variant]
+        if short is None or value is None:
+            short = None
+            value = default
+            if reason is Reason.MATCH:
+                reason = Reason.DEFAULT  # a rule matched a variant that carries no value
+        elif copy_value:
+            value = copy(value)
+        result = local_flag_result(plan.name, unit, value, short, reason, error_code, error_message, rf.rule,
+                                   rf.segment, rf.assignment_id, self.new_resolve_id(), rf.should_apply)
+        return result  # not kept for STALE: see `_result`
+
     def resolve_locally(self, local: LocalState, flags: Sequence[str], unit: str,
                         context: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> dict[str, FlagResult]:
         """Resolve in process from the streamed state; never raises unless strict."""
@@ -429,14 +504,15 @@ class ClientCore:
                 raise TwofoldError(ErrorCode.PROVIDER_NOT_READY, message)
             return {n: self.error_result(n, unit, defaults.get(n), ErrorCode.PROVIDER_NOT_READY, message, outage=True)
                     for n in names}
-        return self.local_results(resolved, unit, names, defaults, uuid.uuid4().hex)
+        return self.local_results(resolved, unit, names, defaults, self.new_resolve_id())
 
     # ---- exposure and events ---------------------------------------------------------------
 
-    def use(self, result: FlagResult | None) -> None:
-        """The value of `result` is being used: queue its exposure (deduplicated)."""
-        if result is not None:
-            self.exposures.add(result)
+    def use(self, result: FlagResult | None) -> bool:
+        """The value of `result` is being used: queue its exposure (deduplicated). True when queued
+        and a full batch of exposures is waiting (time to wake the sender)."""
+        exposures = self.exposures
+        return result is not None and exposures.add(result) and exposures._count >= self.options.batch_size
 
     def make_event(self, name: str, unit: str, value: float | None, properties: Mapping[str, Any] | None,
                    time_ns: int | None) -> apb.Event:
@@ -546,7 +622,17 @@ class ClientSurface:
 
     _core: ClientCore
     _local: LocalState | None
+    _closed: bool
     options: ClientOptions
+
+    def _resolve_planned(self, flag: str, unit: str, context: Mapping[str, Any] | None, default: Any,
+                         copy_value: bool = True) -> FlagResult | None:
+        """The in-process fast path of `resolve` (see `ClientCore.resolve_planned`); None: take the
+        general path."""
+        local = self._local
+        if local is None or self._closed:
+            return None
+        return self._core.resolve_planned(local, flag, unit, context, default, copy_value)
 
     def apply(self, result: FlagResult) -> None:
         raise NotImplementedError

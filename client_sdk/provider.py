@@ -32,6 +32,7 @@ from openfeature.provider import AbstractProvider, Metadata
 from openfeature.track import TrackingEventDetails
 
 from client_sdk.async_client import AsyncClient
+from client_sdk.local import private_copy
 from client_sdk.results import ErrorCode, FlagResult, Reason
 from client_sdk.sync_client import Client
 
@@ -46,6 +47,9 @@ _REASONS: dict[Reason, OFReason] = {
     Reason.FALLBACK: OFReason.ERROR,
 }
 
+# Flag keys whose split is remembered (a bound, should callers build keys dynamically).
+_MAX_REMEMBERED_KEYS = 4096
+
 _ERRORS: dict[ErrorCode, OFErrorCode] = {
     ErrorCode.PROVIDER_NOT_READY: OFErrorCode.PROVIDER_NOT_READY,
     ErrorCode.FLAG_NOT_FOUND: OFErrorCode.FLAG_NOT_FOUND,
@@ -54,10 +58,23 @@ _ERRORS: dict[ErrorCode, OFErrorCode] = {
 }
 
 
-def _context_attributes(context: EvaluationContext | None) -> tuple[str | None, dict[str, Any]]:
-    """(targeting key, JSON-ready attributes): datetimes become ISO-8601 strings."""
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _context_attributes(context: EvaluationContext | None) -> tuple[str | None, Mapping[str, Any]]:
+    """(targeting key, JSON-ready attributes): datetimes become ISO-8601 strings.
+
+    Attributes that are all scalars under string keys (the usual case) are handed on as they
+    are, not copied: the client copies them into its own evaluation context anyway.
+    """
     if context is None:
         return None, {}
+    attributes = context.attributes
+    for key, value in attributes.items():
+        if type(key) is not str or type(value) not in _SCALARS:
+            break
+    else:
+        return context.targeting_key, attributes
 
     def plain(value: Any) -> Any:
         if isinstance(value, dt.datetime):
@@ -104,6 +121,7 @@ class TwofoldProvider(AbstractProvider):
         self.client = client
         self.async_client = async_client
         self.owns_client = owns_client
+        self._keys: dict[str, tuple[str, list[str]]] = {}
 
     def get_metadata(self) -> Metadata:
         return Metadata(name="twofold")
@@ -149,8 +167,13 @@ class TwofoldProvider(AbstractProvider):
             return FlagResolutionDetails(value=default, reason=OFReason.ERROR,
                                          error_code=OFErrorCode.TARGETING_KEY_MISSING,
                                          error_message="the evaluation context has no targeting key")
-        metadata = {k: v for k, v in (("rule", result.rule), ("assignment_id", result.assignment_id),
-                                      ("resolve_id", result.resolve_id)) if v}
+        metadata = {}
+        if result.rule:
+            metadata["rule"] = result.rule
+        if result.assignment_id:
+            metadata["assignment_id"] = result.assignment_id
+        if result.resolve_id:
+            metadata["resolve_id"] = result.resolve_id
         if not result.matched:
             if result.error_code is None:
                 return FlagResolutionDetails(value=default, reason=_REASONS[result.reason], flag_metadata=metadata)
@@ -160,33 +183,55 @@ class TwofoldProvider(AbstractProvider):
                                          error_message=result.error_message, flag_metadata=metadata)
         value: Any = result.value
         for step in path:
+            if type(value) is dict and step in value:  # the usual case, without an ABC check
+                value = value[step]
+                continue
             if not isinstance(value, Mapping) or step not in value:
                 return FlagResolutionDetails(
                     value=default, reason=OFReason.ERROR, error_code=OFErrorCode.FLAG_NOT_FOUND,
                     error_message=f"flag {result.flag!r} has no property {'.'.join(path)!r}",
                     variant=result.variant, flag_metadata=metadata)
             value = value[step]
-        if not _type_ok(value, expected):
+        if not (type(value) is expected and expected is not dict) and not _type_ok(value, expected):
             return FlagResolutionDetails(
                 value=default, reason=OFReason.ERROR, error_code=OFErrorCode.TYPE_MISMATCH,
                 error_message=f"{flag_key!r} is {type(value).__name__}, not {expected.__name__}",
                 variant=result.variant, flag_metadata=metadata)
         apply(result)
-        return FlagResolutionDetails(value=_coerce(value, expected), reason=_REASONS[result.reason],
-                                     variant=result.variant, flag_metadata=metadata)
+        if type(value) is not expected:
+            value = _coerce(value, expected)
+        if result.local and type(value) is not str:
+            value = private_copy(value)  # a planned local resolve shares the value with the state
+        reason = OFReason.TARGETING_MATCH if result.reason is Reason.MATCH else _REASONS[result.reason]
+        return FlagResolutionDetails(value=value, reason=reason, variant=result.variant, flag_metadata=metadata)
+
+    def _split(self, flag_key: str) -> tuple[str, list[str]]:
+        """(flag, property path) of a flag key, remembered: the same few keys are evaluated again and again."""
+        split = self._keys.get(flag_key)
+        if split is None:
+            flag, *path = flag_key.split(".")
+            split = (flag, path)
+            if len(self._keys) < _MAX_REMEMBERED_KEYS:
+                self._keys[flag_key] = split
+        return split
 
     def _evaluate(self, flag_key: str, default: Any, context: EvaluationContext | None,
                   expected: type) -> FlagResolutionDetails[Any]:
-        flag, *path = flag_key.split(".")
+        flag, path = self._split(flag_key)
         unit, attributes = _context_attributes(context)
-        result = self.client.resolve(flag, unit, attributes) if unit else None
+        result = None
+        if unit:
+            # Only the value at `path` is handed out (copied in `_details` unless a string): no
+            # need to copy the flag's whole value first.
+            result = self.client._resolve_planned(flag, unit, attributes, None, copy_value=False) \
+                or self.client.resolve(flag, unit, attributes)
         return self._details(flag_key, default, result, path, expected, self.client.apply)
 
     async def _evaluate_async(self, flag_key: str, default: Any, context: EvaluationContext | None,
                               expected: type) -> FlagResolutionDetails[Any]:
         if self.async_client is None:
             return await asyncio.to_thread(self._evaluate, flag_key, default, context, expected)
-        flag, *path = flag_key.split(".")
+        flag, path = self._split(flag_key)
         unit, attributes = _context_attributes(context)
         result = await self.async_client.resolve(flag, unit, attributes) if unit else None
         return self._details(flag_key, default, result, path, expected, self.async_client.apply)

@@ -110,3 +110,36 @@ class Decision:
     def fallback(self) -> bool:
         """True when the application got the fallback instead of the system's answer."""
         return self.reason is Reason.FALLBACK
+
+
+# Setting each slot through its descriptor: what FlagResult's frozen __init__ does through
+# object.__setattr__ (by name, once per field), at about half the cost; a local resolve
+# builds one result per call, so this is on the SDK's hottest path. Same fields, same class.
+_new = object.__new__
+_set_flag, _set_unit, _set_value, _set_variant, _set_reason, _set_error_code, _set_error_message, _set_rule, \
+    _set_segment, _set_assignment_id, _set_resolve_id, _set_should_apply, _set_local, _set_resolve_token = (
+        getattr(FlagResult, name).__set__ for name in (
+            "flag", "unit", "value", "variant", "reason", "error_code", "error_message", "rule", "segment",
+            "assignment_id", "resolve_id", "should_apply", "local", "resolve_token"))
+
+
+def local_flag_result(flag: str, unit: str, value: Any, variant: str | None, reason: Reason,
+                      error_code: ErrorCode | None, error_message: str | None, rule: str, segment: str,
+                      assignment_id: str, resolve_id: str, should_apply: bool) -> FlagResult:
+    """`FlagResult(..., local=True)` for a result resolved in process, built faster (equal to it)."""
+    result = _new(FlagResult)
+    _set_flag(result, flag)
+    _set_unit(result, unit)
+    _set_value(result, value)
+    _set_variant(result, variant)
+    _set_reason(result, reason)
+    _set_error_code(result, error_code)
+    _set_error_message(result, error_message)
+    _set_rule(result, rule)
+    _set_segment(result, segment)
+    _set_assignment_id(result, assignment_id)
+    _set_resolve_id(result, resolve_id)
+    _set_should_apply(result, should_apply)
+    _set_local(result, True)
+    _set_resolve_token(result, b"")
+    return result

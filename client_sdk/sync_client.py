@@ -99,7 +99,11 @@ class Client(ClientSurface):
     def resolve(self, flag: str, unit: str, context: Mapping[str, Any] | None = None, *,
                 default: Any = None) -> FlagResult:
         """Resolve one flag for `unit` without logging an exposure (see `apply`)."""
-        return self.resolve_many([flag], unit, context, defaults={flag_name(flag): default})[flag_name(flag)]
+        result = self._resolve_planned(flag, unit, context, default)
+        if result is not None:
+            return result
+        name = flag_name(flag)
+        return self.resolve_many([flag], unit, context, defaults={name: default})[name]
 
     def resolve_many(self, flags: Sequence[str], unit: str, context: Mapping[str, Any] | None = None, *,
                      defaults: Mapping[str, Any] | None = None) -> dict[str, FlagResult]:
@@ -134,8 +138,7 @@ class Client(ClientSurface):
 
     def apply(self, result: FlagResult) -> None:
         """Log the exposure of `result` now that its value is used (batched, deduplicated)."""
-        self._core.use(result)
-        if self._core.should_flush_early():
+        if self._core.use(result):
             self._wake.set()
 
     def decide(self, flag: str, unit: str, context: Mapping[str, Any] | None = None, *,

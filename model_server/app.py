@@ -41,6 +41,9 @@ class ModelServerConfig:
     pool_threads: int = 0
     # Decide waits while the decision log's oldest unsynced hand-over is older than this (decision_log).
     decision_max_lag_ms: float = DEFAULT_MAX_LAG_S * 1000
+    # The decision log's owner id and local write-ahead folder (twofold.lake); None: the defaults.
+    writer_id: str | None = None
+    wal_dir: str | None = None
 
 
 @dataclass
@@ -63,8 +66,9 @@ async def build(config: ModelServerConfig) -> ModelServerParts:
     if config.lake:
         from twofold.lake import LakeWriter
 
-        writer = LakeWriter(root=os.fspath(config.lake), table="decisions",
-                            compact_interval_s=config.lake_compact_interval_s)
+        writer = LakeWriter(root=os.fspath(config.lake), table="decisions", writer_id=config.writer_id,
+                            wal_dir=config.wal_dir, compact_interval_s=config.lake_compact_interval_s,
+                            recent_ids_capacity=0)  # decision ids are made here: no client resends them
         await writer.start()
         # pyarrow imports pandas the first time it builds an array from Python objects (~0.2 s,
         # mostly holding the GIL). Pay that now, before serving, not in the first compaction

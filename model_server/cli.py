@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from twofold.cli import Command
+from twofold.lakestore import add_storage_arguments, add_writer_arguments
 from twofold.settings import add_server_arguments, env_default
 
 DEFAULT_PORT = 50052
@@ -29,7 +30,9 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--repository", default=env_default("model_repository", None), required=False,
                    help="model repository folder: <repository>/<model>/<version>/ [TWOFOLD_MODEL_REPOSITORY]")
     g.add_argument("--lake", default=env_default("lake", "data/lake"),
-                   help="lake root for the decision log; 'none' to disable logging [TWOFOLD_LAKE]")
+                   help="lake root for the decision log, a folder or a URL (s3://bucket/prefix); 'none' to "
+                        "disable logging [TWOFOLD_LAKE]")
+    add_writer_arguments(g)
     g.add_argument("--workers", type=int, default=int(env_default("workers", "1") or 1),
                    help="server processes sharing the port (forked before gRPC starts) [TWOFOLD_WORKERS]")
     g.add_argument("--version-policy", default=env_default("version_policy", "latest:1"),
@@ -83,6 +86,7 @@ def _serve_one(args: argparse.Namespace) -> int:
         version_policy=VersionPolicy.parse(args.version_policy), poll_seconds=args.poll_seconds,
         durable_decisions=args.durable_decisions, batch_threads=batch_threads(args),
         decision_max_lag_ms=args.decision_max_lag_ms, pool_threads=getattr(args, "pool_threads", 0),
+        writer_id=getattr(args, "writer_id", None), wal_dir=getattr(args, "wal_dir", None),
         **{k: v for k, v in coalescing.items() if v is not None})
 
     async def setup(_settings: ServerSettings) -> ServiceSetup:
@@ -117,6 +121,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"twofold serve-model: {problem}", file=sys.stderr)
         return 2
+    from twofold.lakestore import apply_storage_arguments
+
+    apply_storage_arguments(args)
     args.batch_threads = batch_threads(args)  # before forking: workers see workers=1
     from model_server.batch_pool import default_threads
 
@@ -178,7 +185,9 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
     bandit = sub.add_parser("bandit", help="fit a bandit policy from the lake (or publish an untrained one)")
     bandit.add_argument("--model", required=True, help="policy name in the repository")
     bandit.add_argument("--repository", required=True, help="model repository folder")
-    bandit.add_argument("--lake", default=env_default("lake", "data/lake"), help="lake root [TWOFOLD_LAKE]")
+    bandit.add_argument("--lake", default=env_default("lake", "data/lake"),
+                        help="lake root, a folder or a URL (s3://bucket/lake) [TWOFOLD_LAKE]")
+    add_storage_arguments(bandit)
     bandit.add_argument("--reward-event", help="event name that is the reward")
     bandit.add_argument("--window", type=_duration, default=dt.timedelta(hours=1),
                         help="reward window after each decision (30s, 15m, 1h, 7d)")
@@ -280,7 +289,9 @@ def _run_train_xgboost(args: argparse.Namespace) -> dict[str, Any]:
 def _run_train_bandit(args: argparse.Namespace) -> dict[str, Any]:
     from model_server.bandits import PolicyConfig
     from model_server.training import init_bandit, latest_manifest, train_bandit_from_lake
+    from twofold.lakestore import apply_storage_arguments
 
+    apply_storage_arguments(args)
     arms = [a.strip() for a in args.arms.split(",")] if args.arms else None
     features = [f.strip() for f in args.features.split(",")] if args.features else None
     knobs = {k: getattr(args, k) for k in ("alpha", "epsilon", "scale", "draws", "floor", "ridge", "base")

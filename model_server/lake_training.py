@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -36,13 +35,6 @@ class LoggedDecisions:
         return len(self.decision_ids)
 
 
-def _files(root: Path, table: str) -> str | None:
-    folder = root / table
-    if not folder.is_dir() or not any(folder.rglob("*.parquet")):
-        return None
-    return str(folder / "**" / "*.parquet")
-
-
 def load_decisions(lake: str | os.PathLike[str], model: str, reward_event: str, window: dt.timedelta,
                    reward: str = "occurrence", as_of: dt.datetime | None = None,
                    since: dt.datetime | None = None) -> LoggedDecisions:
@@ -53,16 +45,18 @@ def load_decisions(lake: str | os.PathLike[str], model: str, reward_event: str, 
         raise ValueError(f"reward must be one of {', '.join(REWARDS)}; got {reward!r}")
     if window.total_seconds() <= 0:
         raise ValueError("the reward window must be positive")
-    root = Path(lake)
-    decisions = _files(root, "decisions")
-    if decisions is None:
-        raise FileNotFoundError(f"no decisions table under {root}")
-    events = _files(root, "events")
+    from twofold.lake_read import table_source
+
+    root = os.fspath(lake)
     as_of = as_of or dt.datetime.now(dt.UTC)
     since = since or dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
-    event_source = (f"SELECT * FROM read_parquet('{events}', hive_partitioning = true, union_by_name = true)"
+    decisions = table_source(con, root, "decisions", union_by_name=True)
+    if decisions is None:
+        raise FileNotFoundError(f"no decisions table under {root}")
+    events = table_source(con, root, "events", union_by_name=True)
+    event_source = (f"SELECT * FROM {events.sql}"
                     if events else
                     "SELECT NULL::VARCHAR AS event_id, NULL::TIMESTAMPTZ AS ts, NULL::VARCHAR AS unit, "
                     "NULL::VARCHAR AS name, NULL::DOUBLE AS value WHERE false")
@@ -70,7 +64,7 @@ def load_decisions(lake: str | os.PathLike[str], model: str, reward_event: str, 
     query = f"""
         WITH d AS (
             SELECT decision_id, ts, unit, model_version, arm, propensity, features
-            FROM read_parquet('{decisions}', hive_partitioning = true, union_by_name = true)
+            FROM {decisions.sql}
             WHERE model = $model AND ts >= $since AND ts + to_microseconds($window) <= $as_of
             QUALIFY row_number() OVER (PARTITION BY decision_id ORDER BY ts) = 1
         ), e AS (

@@ -43,6 +43,7 @@ def _reserve_port(host: str) -> tuple[socket.socket, int]:
 
 def run_workers(args: argparse.Namespace, serve_one: Callable[[argparse.Namespace], int]) -> int:
     """Fork `args.workers` processes running `serve_one(args)`; supervise them until a signal."""
+    from twofold.lakestore import default_writer_id
     from twofold.logs import configure_logging
 
     configure_logging(args.log_level, args.log_format)
@@ -71,6 +72,8 @@ def run_workers(args: argparse.Namespace, serve_one: Callable[[argparse.Namespac
                 child_args.metrics_port = -1
                 child_args.ready_file = str(state_dir / f"worker-{index}.json")
                 child_args.workers = 1
+                # Each worker owns its own decision log, the same one after a restart (twofold.lake).
+                child_args.writer_id = f"{getattr(args, 'writer_id', None) or default_writer_id()}-w{index}"
                 code = serve_one(child_args)
             except BaseException:
                 logging.getLogger("twofold.model.workers").exception("worker failed")
@@ -142,7 +145,9 @@ def run_workers(args: argparse.Namespace, serve_one: Callable[[argparse.Namespac
                     ever_ready.add(index)  # a replacement that fails is replaced again, as before
                     (state_dir / f"worker-{index}.json").unlink(missing_ok=True)  # ready again when it says so
                     spawn(index)
-                elif code != 0:
+                elif code not in (0, -signal.SIGTERM):
+                    # A worker still starting when our SIGTERM came dies by it (its handler is not
+                    # installed yet, and its lake log is recovered by its next start): not a failure.
                     exit_code = code if code > 0 else 1
                 continue
             if stopping:

@@ -66,6 +66,20 @@ def one(docs: Iterable[Manifest], kind: str, name: str) -> Manifest:
     return found[0]
 
 
+WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+
+
+def workloads(docs: Iterable[Manifest]) -> list[Manifest]:
+    """The long-running servers: Deployments and StatefulSets (the lake writers keep their names)."""
+    return [d for d in docs if d["kind"] in WORKLOAD_KINDS]
+
+
+def workload(docs: Iterable[Manifest], name: str) -> Manifest:
+    found = [d for d in workloads(docs) if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one Deployment or StatefulSet {name}, found {len(found)}"
+    return found[0]
+
+
 def alert_rules(docs: Iterable[Manifest]) -> list[dict[str, Any]]:
     """Every alerting rule of the overlay's PrometheusRule(s)."""
     return [rule for pr in find(docs, "PrometheusRule") for group in pr["spec"]["groups"]

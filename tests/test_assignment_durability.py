@@ -122,3 +122,47 @@ def test_same_variant_in_another_process(tmp_path: Path) -> None:
         assert o.returncode == 0, o.stderr
     a, b = (json.loads(o.stdout) for o in outs)
     assert a == b and len(set(a)) == 3
+
+
+def test_a_batch_resent_after_a_sigkill_is_answered_as_duplicates_and_stored_once(tmp_path: Path) -> None:
+    """Issue 14.6. The server stores a batch and is killed before the client sees the answer (here: the
+    answer is dropped, which the server cannot tell apart); the client resends to the restarted
+    server. One batch was already published as Parquet before the kill, one was still only in the
+    write-ahead log: both must be recognised, as must a resent ApplyFlags."""
+    proc, port = _start(tmp_path, "a")
+    published = [pb.Event(event_id=f"pub-{i}", unit=f"user-{i}", name="purchase", value=1.0) for i in range(40)]
+    in_log = [pb.Event(event_id=f"wal-{i}", unit=f"user-{i}", name="purchase", value=2.0) for i in range(40)]
+    now = time.time()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.FlagResolverServiceStub(channel)
+            stub.TrackEvents(pb.TrackEventsRequest(client_secret=DEFAULT_CLIENT_SECRET, events=published), timeout=10)
+            token = stub.ResolveFlags(_request("user-7"), timeout=10).resolve_token
+            apply = pb.ApplyFlagsRequest(client_secret=DEFAULT_CLIENT_SECRET, resolve_token=token, send_time=_ts(now),
+                                         flags=[pb.AppliedFlag(flag="flags/home-ranking", apply_time=_ts(now))])
+            assert stub.ApplyFlags(apply, timeout=10).accepted == 1
+            deadline = time.time() + 30  # the writer publishes a segment every ~2 s
+            while len(list((tmp_path / "lake" / "events").glob("date=*/*.parquet"))) == 0:
+                assert time.time() < deadline, "the first batch was never published"
+                time.sleep(0.05)
+            stub.TrackEvents(pb.TrackEventsRequest(client_secret=DEFAULT_CLIENT_SECRET, events=in_log), timeout=10)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    proc2, port2 = _start(tmp_path, "b")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port2}") as channel:
+            stub = pb_grpc.FlagResolverServiceStub(channel)
+            for batch in (published, in_log):
+                reply = stub.TrackEvents(pb.TrackEventsRequest(client_secret=DEFAULT_CLIENT_SECRET, events=batch),
+                                         timeout=10)
+                assert (reply.accepted, reply.duplicates) == (0, 40)
+            reply = stub.ApplyFlags(apply, timeout=10)
+            assert (reply.accepted, reply.duplicates) == (0, 1)
+    finally:
+        proc2.send_signal(signal.SIGTERM)
+        proc2.wait(timeout=30)
+    ids = list(iter_ids(tmp_path / "lake", "events"))
+    assert sorted(ids) == sorted(e.event_id for e in published + in_log)  # each stored exactly once
+    assert len(list(iter_ids(tmp_path / "lake", "exposures"))) == 1

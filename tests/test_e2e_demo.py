@@ -22,8 +22,10 @@ import onnxruntime as ort
 import pyarrow.compute as pc
 import pytest
 
+from tests.s3_server import S3Server
 from twofold.demo import world
 from twofold.lake import read_table
+from twofold.lakestore import open_store
 
 ROOT = Path(__file__).absolute().parent.parent
 USERS = 3000
@@ -163,3 +165,32 @@ def test_interrupt_or_hangup_stops_every_server_and_removes_the_temp_folder(sign
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_demo_on_an_s3_lake(tmp_path: Path, s3_env: S3Server) -> None:
+    """`twofold demo --lake s3://bucket/prefix` against the test S3 server: the servers publish to
+    the bucket, the analysis reads it, the effects are recovered; a prefix holding data the demo
+    did not write is refused, one it wrote before is cleared and reused."""
+    bucket = s3_env.new_bucket()
+    foreign = f"s3://{bucket}/other"
+    open_store(foreign).publish("events/date=2026-01-01/theirs.parquet", b"not ours")
+    refused = subprocess.run([sys.executable, "-m", "twofold", "demo", "--dir", str(tmp_path / "refused"),
+                              "--lake", foreign, "--no-progress"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2 and "did not write" in refused.stderr
+    assert open_store(foreign).exists("events/date=2026-01-01/theirs.parquet")
+
+    lake = f"s3://{bucket}/demo"
+    for attempt in range(2):  # the second run clears the first run's lake
+        folder = tmp_path / f"demo{attempt}"
+        result = subprocess.run(
+            [sys.executable, "-m", "twofold", "demo", "--dir", str(folder), "--users", str(USERS),
+             "--train-rows", "8000", "--no-progress", "--lake", lake],
+            cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+        assert "RECOVERED" in result.stdout
+        exposures = read_table(lake, "exposures", dedup=False)
+        assert exposures.num_rows == USERS == len(set(exposures.column("unit").to_pylist()))
+        assert not list(folder.rglob("*.parquet"))  # nothing published locally: the lake is the bucket
+        document = json.loads((folder / "results" / "home-ranking.json").read_text())
+        assert sum(document["units"].values()) == USERS

@@ -14,7 +14,18 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.k8s_support import OVERLAYS, ROOT, Manifest, dashboard, dashboard_panels, find, one, render
+from tests.k8s_support import (
+    OVERLAYS,
+    ROOT,
+    Manifest,
+    dashboard,
+    dashboard_panels,
+    find,
+    one,
+    render,
+    workload,
+    workloads,
+)
 
 SERVERS = {
     # Deployment name -> (subcommand, gRPC port); the ports are the documented defaults.
@@ -54,10 +65,18 @@ def _env(docs: list[Manifest], deployment: Manifest) -> dict[str, str]:
     container = _container(deployment)
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
-        env.update(one(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
+        if "configMapRef" in source:
+            env.update(one(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
+        else:
+            env[f"<every key of secret {source['secretRef']['name']}>"] = "<secret>"
     for entry in container.get("env", []):
-        ref = entry.get("valueFrom", {}).get("secretKeyRef")
-        env[entry["name"]] = entry["value"] if ref is None else f"<secret {ref['name']}/{ref['key']}>"
+        source = entry.get("valueFrom", {})
+        if "secretKeyRef" in source:
+            env[entry["name"]] = f"<secret {source['secretKeyRef']['name']}/{source['secretKeyRef']['key']}>"
+        elif "fieldRef" in source:
+            env[entry["name"]] = f"<field {source['fieldRef']['fieldPath']}>"
+        else:
+            env[entry["name"]] = entry["value"]
     return env
 
 
@@ -78,14 +97,16 @@ def _pod_labels(deployment: Manifest) -> dict[str, str]:
 
 
 def test_every_server_runs_its_documented_command(docs: list[Manifest]) -> None:
-    deployments = {d["metadata"]["name"]: d for d in find(docs, "Deployment")}
+    deployments = {d["metadata"]["name"]: d for d in workloads(docs)}
     assert set(deployments) == set(SERVERS)
+    assert {n for n, d in deployments.items() if d["kind"] == "StatefulSet"} == set(HOT_PATH)
     for name, (command, port) in SERVERS.items():
         container = _container(deployments[name])
         args = container["args"]
         assert args[0] == command
         assert int(_arg(args, "--port")) == port == _port(container, "grpc")
-        assert _arg(args, "--lake") == "/var/lib/twofold/lake"
+        assert "--lake" not in args  # from TWOFOLD_LAKE, which the lake component sets
+        assert _env(docs, deployments[name])["TWOFOLD_LAKE"] in ("/var/lib/twofold/lake", "s3://twofold-lake/prod")
         # The metrics port follows the documented rule (gRPC port + 1000) and is declared.
         assert int(_env(docs, deployments[name])["TWOFOLD_METRICS_PORT"]) == port + 1000 == _port(container, "metrics")
     assert _arg(_container(deployments["model-server"])["args"], "--repository") == "/var/lib/twofold/models"
@@ -95,7 +116,7 @@ def test_every_server_runs_its_documented_command(docs: list[Manifest]) -> None:
 
 
 def test_probes_are_native_grpc_on_the_serving_port(docs: list[Manifest]) -> None:
-    for deployment in find(docs, "Deployment"):
+    for deployment in workloads(docs):
         container = _container(deployment)
         grpc_port = _port(container, "grpc")
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -109,7 +130,7 @@ def test_probes_are_native_grpc_on_the_serving_port(docs: list[Manifest]) -> Non
 
 
 def test_pods_run_under_the_restricted_profile(docs: list[Manifest]) -> None:
-    for deployment in find(docs, "Deployment"):
+    for deployment in workloads(docs):
         pod = deployment["spec"]["template"]["spec"]
         assert pod["automountServiceAccountToken"] is False
         assert pod["securityContext"]["runAsNonRoot"] is True
@@ -131,7 +152,7 @@ def test_pods_run_under_the_restricted_profile(docs: list[Manifest]) -> None:
 
 
 def test_drain_fits_in_the_termination_grace_period(docs: list[Manifest]) -> None:
-    for deployment in find(docs, "Deployment"):
+    for deployment in workloads(docs):
         env = _env(docs, deployment)
         container = _container(deployment)
         pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", ["sleep", "0"])
@@ -142,14 +163,14 @@ def test_drain_fits_in_the_termination_grace_period(docs: list[Manifest]) -> Non
 
 def test_servers_close_old_connections_so_clients_rebalance(docs: list[Manifest]) -> None:
     for name in HOT_PATH:
-        env = _env(docs, one(docs, "Deployment", name))
+        env = _env(docs, workload(docs, name))
         assert 0 < float(env["TWOFOLD_MAX_CONNECTION_AGE_SECONDS"]) <= 600
 
 
 def test_hot_path_services_are_headless_and_select_their_pods(docs: list[Manifest]) -> None:
     for service in find(docs, "Service"):
         name = service["metadata"]["name"]
-        deployment = one(docs, "Deployment", name)
+        deployment = workload(docs, name)
         assert service["spec"]["selector"].items() <= _pod_labels(deployment).items()
         container = _container(deployment)
         assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {
@@ -164,10 +185,10 @@ def test_autoscalers_and_disruption_budgets_target_the_hot_path(
     pdbs = {p["metadata"]["name"]: p for p in find(docs, "PodDisruptionBudget")}
     assert set(hpas) == set(pdbs) == set(HOT_PATH)
     for name in HOT_PATH:
-        deployment = one(docs, "Deployment", name)
+        deployment = workload(docs, name)
         hpa = hpas[name]
         assert hpa["apiVersion"] == "autoscaling/v2"
-        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": deployment["kind"], "name": name}
         assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
         # The autoscaler owns the replica count; a fixed one would be reset on every apply.
         assert "replicas" not in deployment["spec"]
@@ -180,7 +201,7 @@ def test_autoscalers_and_disruption_budgets_target_the_hot_path(
 
 
 def test_flags_reload_in_place_and_settings_roll_the_pods(docs: list[Manifest]) -> None:
-    deployment = one(docs, "Deployment", "assignment-server")
+    deployment = workload(docs, "assignment-server")
     pod = deployment["spec"]["template"]["spec"]
     (flags_volume,) = [v for v in pod["volumes"]
                        if "configMap" in v and v["configMap"]["name"].startswith("twofold-flags")]
@@ -193,28 +214,28 @@ def test_flags_reload_in_place_and_settings_roll_the_pods(docs: list[Manifest]) 
     assert mount["mountPath"] == "/etc/twofold/flags"
     # Settings are read once at start: their ConfigMap name carries a content hash, so a change
     # is a new name and rolls every Deployment.
-    for d in find(docs, "Deployment"):
-        (ref,) = [s["configMapRef"]["name"] for s in _container(d)["envFrom"]]
+    for d in workloads(docs):
+        (ref,) = [s["configMapRef"]["name"] for s in _container(d)["envFrom"] if "configMapRef" in s]
         assert re.fullmatch(r"twofold-settings-[a-z0-9]{10}", ref)
 
 
 def test_volumes_are_bound_to_claims(docs: list[Manifest]) -> None:
     claims = {c["metadata"]["name"] for c in find(docs, "PersistentVolumeClaim")}
-    for deployment in find(docs, "Deployment"):
+    for deployment in workloads(docs):
         pod = deployment["spec"]["template"]["spec"]
         for volume in pod["volumes"]:
             if "persistentVolumeClaim" in volume:
                 assert volume["persistentVolumeClaim"]["claimName"] in claims
             if "configMap" in volume:
                 one(docs, "ConfigMap", volume["configMap"]["name"])
-    model = one(docs, "Deployment", "model-server")
+    model = workload(docs, "model-server")
     mounts = {m["mountPath"]: m for m in _container(model)["volumeMounts"]}
     assert mounts["/var/lib/twofold/models"].get("readOnly") is True
 
 
 def test_network_policies_cover_every_pod(docs: list[Manifest]) -> None:
     policies = find(docs, "NetworkPolicy")
-    for deployment in find(docs, "Deployment"):
+    for deployment in workloads(docs):
         labels = _pod_labels(deployment)
         selecting = [p for p in policies if _selects(p["spec"]["podSelector"], labels)]
         types = {t for p in selecting for t in p["spec"]["policyTypes"]}
@@ -268,7 +289,7 @@ def _checkov_skips(deployment: Manifest) -> dict[str, str]:
 
 def test_checkov_skips_are_few_and_give_their_reason() -> None:
     for overlay in OVERLAYS:
-        for deployment in find(render(overlay), "Deployment"):
+        for deployment in workloads(render(overlay)):
             skips = _checkov_skips(deployment)
             assert all(len(reason) > 30 for reason in skips.values()), skips
             # The one base skip: client secrets reach the assignment server as env (secret_env).
@@ -287,9 +308,9 @@ def test_secrets_stay_out_of_git_and_are_required() -> None:
     for overlay in OVERLAYS:
         docs = render(overlay)
         assert find(docs, "Secret") == []
-        deployment = one(docs, "Deployment", "assignment-server")
+        deployment = workload(docs, "assignment-server")
         pod = deployment["spec"]["template"]["spec"]
-        (volume,) = [v for v in pod["volumes"] if "secret" in v]
+        (volume,) = [v for v in pod["volumes"] if "secret" in v and v["secret"]["secretName"] == "twofold-assignment"]
         assert volume["secret"]["secretName"] == "twofold-assignment" and not volume["secret"].get("optional")
         env = _env(docs, deployment)
         (mount,) = [m for m in _container(deployment)["volumeMounts"] if m["name"] == volume["name"]]
@@ -333,7 +354,7 @@ def test_image_and_manifests_agree() -> None:
     uid, gid = (int(x) for x in user.split(":"))
     exposed = {int(p) for i in serve if i.startswith("EXPOSE ") for p in i.split()[1:]}
     for overlay in OVERLAYS:
-        for deployment in find(render(overlay), "Deployment"):
+        for deployment in workloads(render(overlay)):
             pod = deployment["spec"]["template"]["spec"]
             assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (uid, gid)
             container = _container(deployment)
@@ -341,14 +362,75 @@ def test_image_and_manifests_agree() -> None:
             assert {p["containerPort"] for p in container["ports"]} <= exposed
 
 
+def test_lake_writers_own_their_log_on_their_own_volume(docs: list[Manifest]) -> None:
+    """Each writer pod's name is its writer id and its write-ahead log sits on a claim of its own
+    (volumeClaimTemplates), kept on scale-down, so no lock has to be coherent across nodes."""
+    for name in HOT_PATH:
+        sts = workload(docs, name)
+        assert sts["kind"] == "StatefulSet" and sts["spec"]["serviceName"] == name
+        env = _env(docs, sts)
+        assert env["TWOFOLD_WRITER_ID"] == "<field metadata.name>"
+        (template,) = sts["spec"]["volumeClaimTemplates"]
+        assert template["spec"]["accessModes"] == ["ReadWriteOnce"]
+        mounts = {m["name"]: m["mountPath"] for m in _container(sts)["volumeMounts"]}
+        assert env["TWOFOLD_WAL_DIR"] == mounts[template["metadata"]["name"]]
+        assert sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenScaled"] == "Retain"
+
+
+def _pod_spec(manifest: Manifest) -> dict[str, Any]:
+    if manifest["kind"] == "CronJob":
+        return manifest["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return manifest["spec"]["template"]["spec"]
+
+
+def test_the_lake_is_a_volume_in_dev_and_object_storage_in_prod(
+        docs: list[Manifest], request: pytest.FixtureRequest) -> None:
+    prod = request.node.callspec.params["docs"] == "prod"
+    users = [*workloads(docs), one(docs, "CronJob", "lake-compactor")]
+    claims = {c["metadata"]["name"] for c in find(docs, "PersistentVolumeClaim")}
+    for manifest in users:
+        (container,) = _pod_spec(manifest)["containers"]
+        settings = {k: v for s in container["envFrom"] if "configMapRef" in s
+                    for k, v in one(docs, "ConfigMap", s["configMapRef"]["name"])["data"].items()}
+        assert not [s for s in container["envFrom"] if "secretRef" in s]  # keys never as env (checkov)
+        volumes = _pod_spec(manifest).get("volumes", [])
+        claimed = {v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v}
+        secret_volumes = {v["name"]: v["secret"] for v in volumes if "secret" in v}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        if prod:
+            assert settings["TWOFOLD_LAKE"].startswith("s3://") and settings["AWS_REGION"]
+            # The keys as an AWS shared-credentials file from the Secret, required.
+            folder, _, file = env["AWS_SHARED_CREDENTIALS_FILE"].rpartition("/")
+            secret = secret_volumes[mounts[folder]]
+            assert secret["secretName"] == "twofold-lake-credentials" and not secret.get("optional")
+            assert [i["path"] for i in secret["items"]] == [file]
+            assert "twofold-lake" not in claimed | claims
+        else:
+            assert settings["TWOFOLD_LAKE"] == "/var/lib/twofold/lake" and "AWS_SHARED_CREDENTIALS_FILE" not in env
+            assert "twofold-lake" in claimed and "/var/lib/twofold/lake" in mounts
+    if prod:
+        policy = one(docs, "NetworkPolicy", "twofold-allow-lake-egress")
+        assert {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]} == {443}
+
+
+def test_compaction_runs_as_a_cron_job(docs: list[Manifest]) -> None:
+    job = one(docs, "CronJob", "lake-compactor")
+    assert job["spec"]["concurrencyPolicy"] == "Forbid"
+    (container,) = _pod_spec(job)["containers"]
+    assert container["args"][:2] == ["lake", "compact"] and _arg(container["args"], "--older-than") == "1h"
+    pod = _pod_spec(job)
+    assert pod["securityContext"]["runAsNonRoot"] is True and container["securityContext"]["readOnlyRootFilesystem"]
+
+
 def test_prod_keeps_sticky_assignments_in_redis_from_a_secret() -> None:
     """Every prod replica reads and writes one Redis (URL and password from the Secret
     twofold-redis, never rendered) and may reach it; dev keeps the per-pod SQLite file."""
     for overlay in OVERLAYS:
         docs = render(overlay)
-        deployment = one(docs, "Deployment", "assignment-server")
+        deployment = workload(docs, "assignment-server")
         args, env = _container(deployment)["args"], _env(docs, deployment)
-        base_args = _container(one(render("dev"), "Deployment", "assignment-server"))["args"]
+        base_args = _container(workload(render("dev"), "assignment-server"))["args"]
         if overlay != "dev":  # prod and the overlays built on it (spark)
             assert "--materializations" not in args  # a flag would override the environment
             assert args == [a for i, a in enumerate(base_args) if "--materializations" not in base_args[i - 1:i + 1]]

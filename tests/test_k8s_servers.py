@@ -33,9 +33,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.k8s_support import ROOT, Manifest, documented_metrics, family_of, one, render, used_metric_names
+from tests.k8s_support import ROOT, Manifest, documented_metrics, family_of, one, render, used_metric_names, workload
 from tests.redis_server import RedisServer
+from tests.s3_server import S3Server
 from twofold.cli import load_command
+from twofold.lakestore import open_store
 
 SHARED_PREFIXES = ("grpc_server_",)
 START_TIMEOUT_S = 90.0
@@ -46,6 +48,7 @@ TEST_SECRETS = {
     ("twofold-assignment", "client-secret-backend"): CLIENT_SECRET,
     # twofold-redis/url: the real redis-server `prod_redis` starts; no password on loopback.
     ("twofold-redis", "password"): "",
+    ("twofold-lake-credentials", "credentials"): "[default]\naws_access_key_id = test\naws_secret_access_key = test\n",
 }
 
 
@@ -58,6 +61,14 @@ def prod_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         yield
     finally:
         server.kill()
+
+
+@pytest.fixture(autouse=True)
+def prod_lake_on_the_test_s3(s3_env: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prod overlay's lake is on S3: here a fresh bucket of the test S3 server on loopback,
+    which `as_deployed` puts in place of the overlay's bucket (as it moves bind addresses)."""
+    monkeypatch.setenv("TEST_PROD_LAKE", f"s3://{s3_env.new_bucket()}/prod")
+    monkeypatch.setenv("TEST_S3_ENDPOINT", s3_env.endpoint)
 
 
 @dataclass(frozen=True)
@@ -188,7 +199,6 @@ def _lake_compacted(*tables: str) -> Callable[[Callable[[], str]], None]:
     return settle
 
 
-LAKE = "/var/lib/twofold/lake"
 EXPERIMENT_UNITS = 400
 
 
@@ -198,9 +208,8 @@ def _lake_from_the_assignment_server(mounts: dict[str, Path]) -> None:
     from protos.twofold.assignment.v1 import assignment_pb2 as pb
     from protos.twofold.assignment.v1 import assignment_pb2_grpc as pbg
 
-    lake = mounts[LAKE]
-    scratch = lake.parent / "assignment-pod"
-    deployed = as_deployed(render("prod"), "assignment-server", scratch, shared={LAKE: lake})
+    scratch = mounts["/tmp"].parent.parent / "assignment-pod"
+    deployed = as_deployed(render("prod"), "assignment-server", scratch)
     proc, ports = _start(deployed, scratch)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{ports['port']}") as channel:
@@ -221,7 +230,8 @@ def _lake_from_the_assignment_server(mounts: dict[str, Path]) -> None:
     finally:
         _stop(proc)
     assert proc.returncode == 0
-    assert list((lake / "exposures").rglob("*.parquet")) and list((lake / "events").rglob("*.parquet"))
+    store = open_store(deployed.env["TWOFOLD_LAKE"])
+    assert store.list_files("exposures/") and store.list_files("events/")
 
 
 def _first_computation(scrape: Callable[[], str]) -> None:
@@ -300,7 +310,7 @@ def project_volume(folder: Path, files: dict[str, str]) -> None:
 def as_deployed(docs: list[Manifest], name: str, scratch: Path, shared: dict[str, Path] | None = None) -> Deployed:
     """The container of Deployment `name`: its volumes under `scratch` (or, for mount paths in
     `shared`, those folders: two servers on one volume), args and env remapped."""
-    deployment = one(docs, "Deployment", name)
+    deployment = workload(docs, name)
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -311,7 +321,7 @@ def as_deployed(docs: list[Manifest], name: str, scratch: Path, shared: dict[str
             continue
         local = scratch / mount["name"]
         local.mkdir(parents=True)
-        volume = volumes[mount["name"]]
+        volume = volumes.get(mount["name"], {})  # absent: the pod's own claim (volumeClaimTemplates)
         if "configMap" in volume:
             project_volume(local, one(docs, "ConfigMap", volume["configMap"]["name"])["data"])
         elif "secret" in volume:
@@ -327,13 +337,26 @@ def as_deployed(docs: list[Manifest], name: str, scratch: Path, shared: dict[str
 
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
-        env.update(one(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
+        if "configMapRef" in source:
+            env.update(one(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
+        else:
+            secret = source["secretRef"]["name"]
+            keys = [key for (owner, key) in TEST_SECRETS if owner == secret]
+            assert keys, f"the Deployment needs Secret {secret}: add test values to TEST_SECRETS"
+            env.update({key: _secret(secret, key) for key in keys})
     for entry in container.get("env", []):
         if "value" in entry:
             env[entry["name"]] = local_path(entry["value"])
+        elif "fieldRef" in entry["valueFrom"]:
+            assert entry["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+            env[entry["name"]] = f"{name}-0"  # a StatefulSet's first pod
         else:
             ref = entry["valueFrom"]["secretKeyRef"]
             env[entry["name"]] = _secret(ref["name"], ref["key"])
+    if env.get("TWOFOLD_LAKE", "").startswith("s3://"):
+        env["TWOFOLD_LAKE"] = os.environ["TEST_PROD_LAKE"]
+        env["AWS_ENDPOINT_URL"] = os.environ["TEST_S3_ENDPOINT"]
+        env["AWS_EC2_METADATA_DISABLED"] = "true"
     return Deployed([local_path(a) for a in container["args"]], env, mounts)
 
 

@@ -43,9 +43,20 @@ def test_spark_overlay_runs_twofold_analyze_on_spark() -> None:
     for volume in volumes.values():
         if "persistentVolumeClaim" in volume:
             assert volume["persistentVolumeClaim"]["claimName"] in claims
-    assert mounts[args.lake] == "lake" and mounts[args.out] == "results"
-    executor_mounts = {m["mountPath"]: m for m in spec["executor"]["volumeMounts"]}
-    assert executor_mounts[args.lake]["readOnly"] is True
+        if "secret" in volume:  # created by the operator of the cluster, as for prod's servers
+            assert volume["secret"]["secretName"] == "twofold-lake-credentials"
+    assert mounts[args.out] == "results"
+    # The lake prod's servers write, with the credentials file they read, on driver and executors.
+    (settings,) = [c for c in find(docs, "ConfigMap") if c["metadata"]["name"].startswith("twofold-settings-")]
+    assert args.lake == settings["data"]["TWOFOLD_LAKE"] and args.lake.startswith("s3://")
+    conf = spec["sparkConf"]
+    assert conf["spark.hadoop.fs.s3a.endpoint.region"] == settings["data"]["AWS_REGION"]
+    for role in ("driver", "executor"):
+        role_mounts = {m["name"]: m for m in spec[role]["volumeMounts"]}
+        credentials = role_mounts["lake-credentials"]
+        assert credentials["readOnly"] is True
+        (env,) = [e for e in spec[role]["env"] if e["name"] == "AWS_CREDENTIAL_PROFILES_FILE"]
+        assert env["value"].startswith(credentials["mountPath"] + "/")
     # The driver's service account may create its executors, and exists.
     for role in ("driver", "executor"):
         assert spec[role]["securityContext"]["runAsNonRoot"] is True
@@ -63,6 +74,8 @@ def test_spark_versions_agree_between_application_and_image() -> None:
     dockerfile = (OVERLAY / "Dockerfile").read_text()
     (base,) = re.findall(r"^FROM apache/spark:([0-9.]+)-", dockerfile, flags=re.MULTILINE)
     assert base == version and f"pyspark=={version}" in dockerfile
+    # s3a:// needs hadoop-aws of the Hadoop that Spark 3.5 ships (3.3.4).
+    assert "hadoop-aws-3.3.4.jar" in dockerfile and version.startswith("3.5.")
     # The `spark` extra (what runs the engine off the cluster) is the same minor version of Spark.
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert '"pyspark>=3.5,<4"' in pyproject and version.startswith("3.5.")

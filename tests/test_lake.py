@@ -171,13 +171,13 @@ def test_segments_in_the_former_json_frame_format_are_recovered(tmp_path: Path) 
         payload = json.dumps(rows, separators=(",", ":")).encode()
         frames += struct.pack("<II", len(payload), zlib.crc32(payload)) + payload
     (folder / "000000000001.wal").write_bytes(frames)
-    writer = LakeWriter(tmp_path, "events")
+    writer = LakeWriter(tmp_path, "events", writer_id="old-writer")
     writer.start_sync()
     writer.close_sync()
     table = read_table(tmp_path, "events")
     assert sorted(table["event_id"].to_pylist()) == [f"e{i}" for i in range(5)]
     assert dict(zip(table["event_id"].to_pylist(), table["value"].to_pylist(), strict=True))["e4"] == 4.0
-    assert not folder.exists()
+    assert not list(folder.glob("*.wal"))
 
 
 def test_torn_tail_is_ignored_and_recompaction_is_idempotent(tmp_path: Path) -> None:
@@ -193,33 +193,46 @@ def test_torn_tail_is_ignored_and_recompaction_is_idempotent(tmp_path: Path) -> 
     # A torn frame at the end: the crash happened mid-write of an unacknowledged append.
     with open(segment, "ab") as handle:
         handle.write(b"\x40\x00\x00\x00\x00\x00\x00\x00{\"partial")
-    recovering = LakeWriter(tmp_path, "events", compact_interval_s=60)
+    recovering = LakeWriter(tmp_path, "events", compact_interval_s=60, writer_id="dead-writer")
     recovering.start_sync()
     recovering.close_sync()
     assert sorted(iter_ids(tmp_path, "events")) == sorted(f"e{i}" for i in range(8))
     # Crash after publishing Parquet but before deleting the segment: compacting again is harmless.
     segment.parent.mkdir(parents=True, exist_ok=True)
     segment.write_bytes(saved)
-    again = LakeWriter(tmp_path, "events", compact_interval_s=60)
+    again = LakeWriter(tmp_path, "events", compact_interval_s=60, writer_id="dead-writer")
     again.start_sync()
     again.close_sync()
     assert sorted(iter_ids(tmp_path, "events")) == sorted(f"e{i}" for i in range(8))
 
 
-def test_a_live_writers_directory_is_not_recovered_by_another(tmp_path: Path) -> None:
-    live = LakeWriter(tmp_path, "events", compact_interval_s=60)
+def test_a_writer_never_touches_another_writers_log_and_one_id_is_one_process(tmp_path: Path) -> None:
+    """Each writer recovers only its own log: a live writer's segments stay put while another writer
+    starts and stops, and a second process with the same writer id is refused (the local lock is only
+    that guard; correctness needs no lock across nodes)."""
+    live = LakeWriter(tmp_path, "events", compact_interval_s=60, writer_id="pod-0")
     live.start_sync()
     try:
         live.append_sync([_event(1)])
-        other = LakeWriter(tmp_path, "events", compact_interval_s=60)
+        other = LakeWriter(tmp_path, "events", compact_interval_s=60, writer_id="pod-1")
         other.start_sync()
         other.close_sync()
         assert list(live.wal_dir.glob("*.wal"))  # still there, still live's
         assert read_table(tmp_path, "events").num_rows == 0
+        twin = LakeWriter(tmp_path, "events", writer_id="pod-0")
+        with pytest.raises(RuntimeError, match="in use by another process"):
+            twin.start_sync()
         live.flush_sync()
         assert read_table(tmp_path, "events").num_rows == 1
+        (name,) = [p.name for p in (tmp_path / "events").glob("date=*/*.parquet")]
+        assert name.startswith("pod-0-")  # published names carry the writer id
     finally:
         live.close_sync()
+
+
+def test_a_bad_writer_id_is_refused() -> None:
+    with pytest.raises(ValueError, match="writer id"):
+        LakeWriter("unused", "events", writer_id="../escape")
 
 
 _PRODUCER = """

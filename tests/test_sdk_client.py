@@ -96,8 +96,13 @@ def write_flags(folder: Path, text: str = FLAGS_YAML) -> Path:
 
 
 def start_assignment(group: ServerGroup, base: Path, name: str = "assignment", port: int = 0,
-                     lake: Path | None = None, extra: tuple[str, ...] = ()) -> ServerProcess:
-    """A real assignment server over `base/flags`, its lake under `base/lake` (or `lake`)."""
+                     lake: Path | None = None, extra: tuple[str, ...] = (),
+                     writer_id: str | None = None) -> ServerProcess:
+    """A real assignment server over `base/flags`, its lake under `base/lake` (or `lake`).
+
+    Its lake writer id is `writer_id` or `name`: a restart that must recover the log of the server
+    it replaces passes that server's id (as a StatefulSet pod keeps its name).
+    """
     key_file = base / "token.key"
     if not key_file.exists():
         key_file.write_text(base64.b64encode(os.urandom(32)).decode())
@@ -105,7 +110,8 @@ def start_assignment(group: ServerGroup, base: Path, name: str = "assignment", p
         write_flags(base / "flags")
     return group.start(name, ["serve-assignment", "--flags", str(base / "flags"), "--lake", str(lake or base / "lake"),
                               "--token-key-file", str(key_file), "--reload-interval", "0.2",
-                              "--materializations", "memory", "--log-format", "text", *extra], port=port)
+                              "--materializations", "memory", "--log-format", "text", "--writer-id", writer_id or name,
+                              *extra], port=port)
 
 
 def metric(server: ServerProcess, name: str, **labels: str) -> float:
@@ -228,7 +234,7 @@ def test_assignment_down_serves_stale_or_default_within_deadline_and_delivers_la
             assert client.stats.flush_failures >= 1 and client.stats.events_dropped == 0
 
             # Back on the same port, same lake: the queued event goes out with the next flush.
-            start_assignment(group, tmp_path, name="assignment-again", port=port)
+            start_assignment(group, tmp_path, name="assignment-again", port=port, writer_id="assignment")
             deadline_at = time.monotonic() + 15
             while client.stats.events_sent == 0 and time.monotonic() < deadline_at:
                 time.sleep(0.1)

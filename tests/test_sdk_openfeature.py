@@ -149,3 +149,22 @@ def test_initialize_waits_for_local_state(served: tuple[ServerGroup, ServerProce
     assert dead_flags.get_provider_status() is ProviderStatus.ERROR
     result = dead_flags.get_boolean_details("checkout.enabled", False, SE)
     assert (result.value, result.reason, result.error_code) == (False, Reason.ERROR, ErrorCode.PROVIDER_NOT_READY)
+
+
+def test_local_values_handed_out_are_private(served: tuple[ServerGroup, ServerProcess, Path]) -> None:
+    """The provider reads local results without copying the flag's value (issue 18); what it hands
+    out must still be the caller's own: mutating it changes nothing for the next evaluation."""
+    _, server, _ = served
+    api.set_provider_and_wait(_provider(server.target, local_evaluation=True), "private")
+    flags = api.get_client("private")
+    whole = flags.get_object_value("checkout", {}, SE)
+    assert whole == {"enabled": True, "color": "green", "discount": 10, "ratio": 0.25, "tags": ["b"]}
+    whole["color"] = "mutated"
+    whole["tags"].append("mutated")
+    tags = flags.get_object_value("checkout.tags", [], SE)
+    assert tags == ["b"]
+    tags.append("mutated")
+    assert flags.get_object_value("checkout", {}, SE) == \
+        {"enabled": True, "color": "green", "discount": 10, "ratio": 0.25, "tags": ["b"]}
+    assert flags.get_string_value("checkout.color", "blue", SE) == "green"
+    assert flags.get_integer_details("checkout.discount", 0, SE).value == 10

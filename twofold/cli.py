@@ -34,6 +34,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve-analysis": ("analysis_worker.cli:SERVE", "recompute experiments on a schedule and serve results"),
     "analyze": ("analysis_worker.cli:ANALYZE", "analyze one experiment from the lake"),
     "stats": ("analysis_worker.cli:STATS", "compute results from sufficient statistics in a JSON file"),
+    "lake": ("twofold.lake_cli:LAKE", "lake maintenance: compact small files, recover logs of writers gone"),
     "demo": ("twofold.demo:DEMO", "the end-to-end demo: train, serve, experiment, analyze"),
     "example": ("twofold.demo.example:EXAMPLE", "write the example's training data or send it example traffic"),
     "serve-echo": ("twofold.echo_cli:SERVE", "run the bare echo service (benchmarks and tests)"),

@@ -6,13 +6,25 @@ large. So an append is framed into a write-ahead segment and fsynced (concurrent
 fsync: group commit), and a background thread later compacts closed segments into
 `<root>/<table>/date=YYYY-MM-DD/<segment>.parquet`.
 
-Exactly once: a segment's Parquet file names are derived from the segment, files appear by
-rename, and the segment is deleted only after its files are in place. A crash between the two
-re-compacts the segment into the same names, replacing identical content; nothing is duplicated.
+Where things live: the Parquet files under the lake root, which is a local folder or an object
+store URL (`s3://bucket/prefix`, `gs://...`; see `twofold.lakestore`); the write-ahead log always
+on local disk, under `<wal_dir>/<table>/<writer_id>/` (`wal_dir` defaults to `<root>/_wal` for a
+local root and must be given for a URL: an object store cannot append or fsync).
 
-Several processes may write one table (e.g. model server workers): each writer owns a
-write-ahead directory under `<root>/_wal/<table>/` locked with `flock`; a starting writer also
-recovers the directories of writers that died (their lock is free).
+One writer, one log: each writer owns its log by a stable writer id (a StatefulSet pod name, plus
+`-w<k>` per `--workers` process). A restarted writer recovers its own log and nobody else's, so no
+lock has to be coherent across nodes; a local `flock` on the writer's own directory only refuses a
+second process started with the same id by mistake.
+
+Exactly once: a segment's Parquet file names are derived from the writer id and the segment
+(`<writer_id>-<segment>.parquet`), files appear whole (rename, or one PUT), and the segment is
+deleted only after its files are in place. A crash between the two re-publishes the segment under
+the same names, replacing identical content; nothing is duplicated.
+
+Retries across restarts: after publishing a segment the writer keeps its ids in a small
+`<segment>.ids` file beside the log (the newest `recent_ids_capacity` ids are kept). A starting
+writer reads them back, and those of the segments it recovers, so a server can recognise a batch
+it stored but did not acknowledge before it was killed (`recent_ids`).
 
 Frames hold Arrow IPC messages: a segment opens with its table's schema and every group commit
 appends one record batch. Building the batch is where records are type-checked, so a bad record
@@ -23,7 +35,8 @@ for small commits (12 decisions: 30 -> 28 µs; 12 events: 20 -> 21 µs, where py
 per-call cost dominates) and less for large ones (100 events: 5.4 -> 4.2 µs). `read_frames`
 still reads JSON frames, so segments left by an older version are recovered; the reverse does
 not hold, so a segment left by a crash of this version must be recovered by this version or a
-later one (a SIGTERM leaves none: closing compacts every segment).
+later one (a SIGTERM leaves none: closing compacts every segment). Older versions named their
+logs per process; `twofold lake recover` publishes such logs once.
 """
 
 from __future__ import annotations
@@ -38,7 +51,6 @@ import json
 import logging
 import os
 import queue
-import socket
 import struct
 import threading
 import time
@@ -54,6 +66,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prometheus_client import Counter, Gauge
 
+from twofold.lakestore import LakeStore, LakeStoreError, check_writer_id, default_writer_id, is_url, open_store
+from twofold.lakestore.local import fsync_dir
 from twofold.metrics import declare
 
 log = logging.getLogger("twofold.lake")
@@ -92,9 +106,32 @@ DICTIONARY_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 
 
-def write_parquet(table: pa.Table, path: str | os.PathLike[str], name: str) -> None:
+def write_parquet(table: pa.Table, path: str | os.PathLike[str] | pa.NativeFile, name: str) -> None:
     """Write one Parquet file of lake table `name`: zstd, dictionaries where values repeat."""
     pq.write_table(table, path, compression="zstd", use_dictionary=list(DICTIONARY_COLUMNS[name]))
+
+
+def parquet_bytes(table: pa.Table, name: str) -> pa.Buffer:
+    """A lake table's Parquet file, complete in memory (so it can be published in one PUT)."""
+    sink = pa.BufferOutputStream()
+    write_parquet(table, sink, name)
+    return sink.getvalue()
+
+
+def resolve_wal_dir(root: str | os.PathLike[str], wal_dir: str | os.PathLike[str] | None) -> Path:
+    """Where write-ahead logs live: `wal_dir`, or `<root>/_wal` for a local lake.
+
+    An object-store lake has no default: the log must sit on a volume that outlives the process
+    and belongs to this writer alone (a StatefulSet's volume claim), which only the operator knows.
+    """
+    if wal_dir:
+        if "://" in os.fspath(wal_dir):
+            raise LakeStoreError(f"the write-ahead directory must be a local path, got {os.fspath(wal_dir)!r}")
+        return Path(wal_dir)
+    if is_url(root):
+        raise LakeStoreError(f"the lake {os.fspath(root)!r} is an object store: give a local write-ahead "
+                             "directory (--wal-dir or TWOFOLD_WAL_DIR) on a volume that survives restarts")
+    return Path(os.fspath(root).removeprefix("file://")) / "_wal"
 
 RECORDS = Counter("twofold_lake_records", "Records acknowledged (durable in the write-ahead log).", ["table"])
 WAL_BYTES = Gauge("twofold_lake_wal_bytes", "Write-ahead bytes not yet compacted into Parquet.", ["table"])
@@ -218,12 +255,16 @@ class LakeWriter:
         table: str,
         *,
         writer_id: str | None = None,
+        wal_dir: str | os.PathLike[str] | None = None,
         compact_interval_s: float = 2.0,
         segment_max_bytes: int = 64 * 1024 * 1024,
+        recent_ids_capacity: int = 1_000_000,
     ) -> None:
         if table not in TABLE_SCHEMAS:
             raise ValueError(f"unknown lake table {table!r}; expected one of {sorted(TABLE_SCHEMAS)}")
-        self.root = Path(root)
+        self.root = os.fspath(root)
+        self.wal_dir = resolve_wal_dir(root, wal_dir) / table / check_writer_id(writer_id or default_writer_id())
+        self.store: LakeStore = open_store(root)
         self.table = table
         declare(WRITE_FAILURES, table)
         self.schema = TABLE_SCHEMAS[table]
@@ -231,12 +272,15 @@ class LakeWriter:
         self._column_names = frozenset(self.schema.names)
         schema_payload = _SCHEMA_TAG + self.schema.serialize().to_pybytes()
         self._schema_frame = _FRAME.pack(len(schema_payload), zlib.crc32(schema_payload)) + schema_payload
-        self.writer_id = writer_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.writer_id = check_writer_id(writer_id or default_writer_id())
         self.compact_interval_s = compact_interval_s
         self.segment_max_bytes = segment_max_bytes
-        self.table_dir = self.root / table
-        self.wal_root = self.root / "_wal" / table
-        self.wal_dir = self.wal_root / self.writer_id
+        self.recent_ids_capacity = recent_ids_capacity
+        # Segments of this process are `<run>-<seq>.wal`: the run (start time, random) keeps names,
+        # and so the published files' names, distinct from those of earlier runs of this writer id.
+        self._run = f"{time.time_ns() // 1000:014x}{uuid.uuid4().hex[:4]}"
+        self._ids_files: list[tuple[Path, int]] = []  # (file, ids) oldest first, see _remember_ids
+        self._recent_ids: list[str] = []
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._compact_queue: queue.SimpleQueue[_ClosedSegment | None] = queue.SimpleQueue()
         self._lock_fd: int | None = None
@@ -254,15 +298,27 @@ class LakeWriter:
 
     # ------------------------------------------------------------------ lifecycle
     def start_sync(self) -> None:
-        """Lock our write-ahead directory, recover dead writers' segments, start the threads."""
+        """Lock our own log, check the lake is writable, recover our segments, start the threads.
+
+        Raises LakeStoreError when the lake cannot be written (so nothing is ever acknowledged
+        into a log that cannot be published) and RuntimeError when another live process uses
+        this writer id here.
+        """
         if self._started:
             return
         self.wal_dir.mkdir(parents=True, exist_ok=True)
-        self.table_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = self._try_lock(self.wal_dir)
         if self._lock_fd is None:
-            raise RuntimeError(f"write-ahead directory {self.wal_dir} is locked by another writer")
-        self.recover()
+            raise RuntimeError(f"writer id {self.writer_id!r} is in use by another process ({self.wal_dir} is "
+                               "locked): give each writing process its own --writer-id")
+        try:
+            self.store.check_writable(f"{self.table}-{self.writer_id}")
+            self.recover()
+            self._load_recent_ids()
+        except BaseException:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise
         self._open_segment()
         self._writer = threading.Thread(target=self._write_loop, name=f"lake-wal-{self.table}", daemon=True)
         self._compactor = threading.Thread(target=self._compact_loop, name=f"lake-compact-{self.table}",
@@ -287,16 +343,21 @@ class LakeWriter:
         self._compact_queue.put(None)
         self._compactor.join()
         if self._lock_fd is not None:
+            # The LOCK file stays: unlinking it could let two later processes lock different inodes.
             os.close(self._lock_fd)
             self._lock_fd = None
-        with contextlib.suppress(OSError):
-            (self.wal_dir / "LOCK").unlink()
-            self.wal_dir.rmdir()
         WAL_BYTES.labels(self.table).set(0)
         WAL_LAG.labels(self.table).set(0)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.close_sync)
+
+    def __enter__(self) -> LakeWriter:
+        self.start_sync()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close_sync()
 
     # ------------------------------------------------------------------ appends
     def append_nowait(self, records: Sequence[Mapping[str, Any]]) -> concurrent.futures.Future[None]:
@@ -364,10 +425,10 @@ class LakeWriter:
     # ------------------------------------------------------------------ write-ahead thread
     def _open_segment(self) -> None:
         self._seq += 1
-        path = self.wal_dir / f"{self._seq:012d}.wal"
+        path = self.wal_dir / f"{self._run}-{self._seq:08d}.wal"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            self._fsync_dir(self.wal_dir)
+            fsync_dir(self.wal_dir)
             # The schema frame becomes durable with the segment's first commit (fdatasync covers it).
             header = self._schema_frame
             if os.write(fd, header) != len(header):
@@ -532,62 +593,93 @@ class LakeWriter:
                 closed.done.set()
                 self._update_gauges()
 
-    def compact_segment(self, path: Path) -> list[Path]:
-        """Turn one write-ahead segment into Parquet files (one per date), then delete it."""
+    def compact_segment(self, path: Path) -> list[str]:
+        """Publish one write-ahead segment as Parquet files (one per date), then delete it.
+
+        Returns the published files' paths inside the lake.
+        """
         frames = list(read_frames(path, self.schema))
-        written: list[Path] = []
+        written: list[str] = []
+        ids: pa.Array | None = None
         if frames:
             # One chunk, not one per frame: filtering and writing thousands of tiny chunks costs
             # more than the copy.
             table = pa.concat_tables(frames).combine_chunks()
+            ids = table.column(self._id_column).combine_chunks()
             days = table.column("ts").cast(pa.int64()).to_numpy() // 86_400_000_000
-            owner = path.parent.name
             distinct = sorted(set(days.tolist()))
             for day in distinct:
                 date = (_EPOCH + dt.timedelta(days=int(day))).date().isoformat()
                 part = table if len(distinct) == 1 else table.filter(pa.array(days == day))
-                folder = self.table_dir / f"date={date}"
-                folder.mkdir(parents=True, exist_ok=True)
-                target = folder / f"{owner}-{path.stem}.parquet"
-                tmp = folder / f".{target.name}.tmp"
-                write_parquet(part, tmp, self.table)
-                with open(tmp, "rb") as handle:
-                    os.fsync(handle.fileno())
-                os.replace(tmp, target)
-                self._fsync_dir(folder)
+                target = f"{self.table}/date={date}/{self.writer_id}-{path.stem}.parquet"
+                self.store.publish(target, parquet_bytes(part, self.table))
                 written.append(target)
                 PARQUET_FILES.labels(self.table).inc()
+        if ids is not None:
+            self._remember_ids(path.with_suffix(".ids"), ids)
         path.unlink()
-        self._fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return written
+
+    # ------------------------------------------------------------------ recent ids
+    def _remember_ids(self, path: Path, ids: pa.Array) -> None:
+        """Keep a published segment's ids beside the log; forget the oldest beyond the capacity."""
+        if self.recent_ids_capacity <= 0:
+            return
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, pa.schema([("id", pa.string())])) as stream:
+            stream.write_batch(pa.record_batch([ids.cast(pa.string())], names=["id"]))
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as handle:
+            handle.write(memoryview(sink.getvalue()))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        with self._state_lock:
+            self._ids_files.append((path, len(ids)))
+            kept = sum(n for _, n in self._ids_files)
+            while len(self._ids_files) > 1 and kept - self._ids_files[0][1] >= self.recent_ids_capacity:
+                old, n = self._ids_files.pop(0)
+                kept -= n
+                with contextlib.suppress(OSError):
+                    old.unlink()
+
+    def _load_recent_ids(self) -> None:
+        """Read back the ids of this writer's recently published segments (oldest first)."""
+        if self.recent_ids_capacity <= 0:
+            return
+        files = sorted(self.wal_dir.glob("*.ids"), key=lambda p: p.name)
+        loaded: list[tuple[Path, list[str]]] = []
+        for path in files:
+            try:
+                with pa.ipc.open_stream(path.read_bytes()) as reader:
+                    ids = reader.read_all().column("id").to_pylist()
+            except (OSError, pa.ArrowException) as exc:
+                log.warning("ignoring unreadable ids file", extra={"fields": {"file": str(path), "error": str(exc)}})
+                continue
+            loaded.append((path, ids))
+        self._ids_files = [(path, len(ids)) for path, ids in loaded]
+        self._recent_ids = [i for _, ids in loaded for i in ids]
+
+    def recent_ids(self) -> list[str]:
+        """Ids this writer published shortly before it started (oldest first), read once at start.
+
+        The assignment server seeds its duplicate filter with them, so a batch stored but not
+        acknowledged before a crash is answered as duplicates when the client resends it.
+        Handing them over frees them here.
+        """
+        ids, self._recent_ids = self._recent_ids, []
+        return ids
 
     # ------------------------------------------------------------------ recovery
     def recover(self) -> int:
-        """Compact leftover segments: ours, and those of writers whose lock is free. Returns files written."""
+        """Publish the segments our log holds (left by a crash of this writer id). Returns files written."""
         files = 0
-        if not self.wal_root.exists():
-            return 0
-        for folder in sorted(p for p in self.wal_root.iterdir() if p.is_dir()):
-            own = folder == self.wal_dir
-            try:
-                lock_fd = None if own else self._try_lock(folder)
-            except FileNotFoundError:
-                continue  # its writer closed and removed it meanwhile (e.g. another worker shutting down)
-            if not own and lock_fd is None:
-                continue  # a live writer owns it
-            try:
-                for segment in sorted(folder.glob("*.wal")):
-                    files += len(self.compact_segment(segment))
-                    log.info("recovered write-ahead segment",
-                             extra={"fields": {"table": self.table, "segment": str(segment)}})
-                for leftover in folder.glob(".*.tmp"):
-                    leftover.unlink()
-            finally:
-                if lock_fd is not None:
-                    os.close(lock_fd)
-                    with contextlib.suppress(OSError):
-                        (folder / "LOCK").unlink()
-                        folder.rmdir()
+        for segment in sorted(self.wal_dir.glob("*.wal")):
+            files += len(self.compact_segment(segment))
+            log.info("recovered write-ahead segment", extra={"fields": {"table": self.table, "segment": str(segment)}})
+        for leftover in self.wal_dir.glob(".*.tmp"):
+            leftover.unlink()
         return files
 
     @staticmethod
@@ -599,14 +691,6 @@ class LakeWriter:
             os.close(fd)
             return None
         return fd
-
-    @staticmethod
-    def _fsync_dir(folder: Path) -> None:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _settle(future: concurrent.futures.Future[None], error: BaseException | None = None) -> None:
@@ -625,27 +709,30 @@ def _settle(future: concurrent.futures.Future[None], error: BaseException | None
 
 
 def read_table(root: str | os.PathLike[str], table: str, *, dedup: bool = True) -> pa.Table:
-    """Read a whole lake table (all partitions) with pyarrow, deduplicated by id.
+    """Read a whole lake table (all partitions, local or object store) with pyarrow, deduplicated by id.
 
     A convenience for tests and small tools; the analysis worker reads with DuckDB instead.
     """
-    folder = Path(root) / table
-    files = sorted(p for p in folder.glob("date=*/*.parquet"))
+    store = open_store(root)
+    files = store.list_files(f"{table}/")
     schema = TABLE_SCHEMAS[table]
     if not files:
         return schema.empty_table()
-    result = pa.concat_tables([pq.read_table(p, schema=schema) for p in files])
-    if dedup:
-        ids = result[ID_COLUMN[table]].to_pylist()
-        seen: set[str] = set()
-        keep = []
-        for i, value in enumerate(ids):
-            if value not in seen:
-                seen.add(value)
-                keep.append(i)
-        if len(keep) != len(ids):
-            result = result.take(pa.array(keep))
-    return result
+    result = pa.concat_tables([
+        pq.read_table(store.full_path(f.path), schema=schema, filesystem=store.filesystem) for f in files])
+    return first_per_id(result, ID_COLUMN[table]) if dedup else result
+
+
+def first_per_id(table: pa.Table, id_column: str) -> pa.Table:
+    """The rows of `table` whose id has not appeared in an earlier row (order kept)."""
+    if table.num_rows == 0:
+        return table
+    positions = pa.array(range(table.num_rows), pa.int64())
+    firsts = (pa.table({"id": table.column(id_column), "i": positions})
+              .group_by("id", use_threads=False).aggregate([("i", "min")]).column("i_min"))
+    if len(firsts) == table.num_rows:
+        return table
+    return table.take(pc.take(firsts, pc.sort_indices(firsts)))
 
 
 def iter_ids(root: str | os.PathLike[str], table: str) -> Iterable[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ def test_workers_share_a_port_and_survive_a_killed_worker(tmp_path: Path, model_
     repo = copy_repo(model_repo, tmp_path / "repo")
     lake = tmp_path / "lake"
     ready = tmp_path / "ready.json"
+    host = socket.gethostname()
     proc = subprocess.Popen(
         [sys.executable, "-m", "twofold", "serve-model", "--repository", str(repo), "--lake", str(lake),
          "--workers", "2", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--ready-file", str(ready),
@@ -84,8 +86,9 @@ def test_workers_share_a_port_and_survive_a_killed_worker(tmp_path: Path, model_
         code = proc.wait(timeout=30)
     assert code == 0, proc.stderr.read().decode()[-3000:] if proc.stderr else ""
     # Every decision reached the lake exactly once, including those of the killed worker
-    # (its write-ahead log was recovered by the worker that replaced it).
+    # (its write-ahead log was recovered by the worker that replaced it: same index, same writer id).
     decisions = read_table(lake, "decisions", dedup=False)
     assert sorted(decisions.column("decision_id").to_pylist()) == sorted(ids)
     writers = {p.name.split("-")[-3] for p in (lake / "decisions").rglob("*.parquet")}
-    assert len(writers) >= 2, writers
+    assert writers == {"w0", "w1"}, writers
+    assert sorted(p.name for p in (lake / "_wal" / "decisions").iterdir()) == [f"{host}-w0", f"{host}-w1"]

@@ -41,10 +41,14 @@ from twofold.demo.processes import InterruptGuard, ServerGroup, ServerProcess, s
 from twofold.demo.progress import Progress
 from twofold.demo.simulate import Visit, draw_outcomes, track_outcomes, visit_all
 from twofold.demo.train import TrainedSystems, Truth, train_systems, true_rates
+from twofold.lakestore import LakeStoreError, add_storage_arguments, apply_storage_arguments, open_store
+
+# Marks a lake prefix as the demo's own, so a later run may clear it (and nothing else).
+DEMO_MARKER = "_twofold_demo"
 
 # Sub-folders the demo owns inside its folder (cleared at the start of a run).
-OWNED = ("flags", "repository", "lake", "experiments", "results", "logs", "materializations.sqlite", "token.key",
-         "served-allocations.json")
+OWNED = ("flags", "repository", "lake", "wal", "experiments", "results", "logs", "materializations.sqlite",
+         "token.key", "served-allocations.json")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +63,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-evaluation", action="store_true",
                         help="resolve flags in process from the assignment server's state stream")
     parser.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
+    parser.add_argument("--lake", default=None,
+                        help="lake URL, e.g. s3://bucket/prefix (default: a folder inside --dir); the write-ahead "
+                             "logs stay in --dir. The demo clears a prefix it used before and refuses one "
+                             "holding other data")
+    add_storage_arguments(parser)
 
 
 def _say(message: str) -> None:
@@ -96,17 +105,35 @@ def _prepare(folder: Path) -> dict[str, Path]:
     key.write_text(base64.b64encode(os.urandom(32)).decode())
     paths["token_key"] = key
     paths["materializations"] = folder / "materializations.sqlite"
+    paths["wal"] = folder / "wal"
     return paths
+
+
+def use_lake_url(url: str, paths: dict[str, Any]) -> None:
+    """Make the demo write to and read from the lake at `url` (its logs stay local, in `wal/`).
+
+    A prefix the demo wrote before (it leaves a marker) is cleared so that results are this run's;
+    a prefix with other data is refused: the demo never deletes a lake it did not create.
+    """
+    store = open_store(url)
+    existing = [f for f in store.list_files("", suffix="") if not f.path.startswith("_probe/")]
+    if existing:
+        if not store.exists(DEMO_MARKER):
+            raise ValueError(f"the lake {url} already holds data the demo did not write; give an empty prefix")
+        for f in existing:
+            store.delete(f.path)
+    store.publish(DEMO_MARKER, b"written by twofold demo\n")
+    paths["lake"] = url
 
 
 def _start_servers(group: ServerGroup, paths: dict[str, Path]) -> dict[str, ServerProcess]:
     """Start the three servers concurrently (each loads its own state) and wait until all serve."""
     commands = {
         "assignment": ["serve-assignment", "--flags", str(paths["flags"]), "--lake", str(paths["lake"]),
-                       "--token-key-file", str(paths["token_key"]),
+                       "--wal-dir", str(paths["wal"]), "--token-key-file", str(paths["token_key"]),
                        "--materializations", str(paths["materializations"]), "--log-format", "text"],
         "model": ["serve-model", "--repository", str(paths["repository"]), "--lake", str(paths["lake"]),
-                  "--log-format", "text"],
+                  "--wal-dir", str(paths["wal"]), "--log-format", "text"],
         "analysis": ["serve-analysis", "--experiments", str(paths["experiments"]), "--lake", str(paths["lake"]),
                      "--every", "5s", "--out", str(paths["results"] / "served"), "--threads", "1",
                      "--log-format", "text"],
@@ -200,7 +227,7 @@ def _served_results(server: ServerProcess, document: dict[str, Any], since: dt.d
     return False, f"no computation over the complete lake within {timeout:.0f}s"
 
 
-def _bandit_log(lake: Path, visits: list[Visit]) -> tuple[int, int, float, float]:
+def _bandit_log(lake: str | Path, visits: list[Visit]) -> tuple[int, int, float, float]:
     """(bandit units, their decisions in the lake, min and max logged propensity)."""
     from twofold.lake import read_table
 
@@ -233,6 +260,13 @@ def run(args: argparse.Namespace) -> int:
     folder = Path(temp or args.dir).resolve()
     progress = not args.no_progress
     paths = _prepare(folder)
+    apply_storage_arguments(args)  # the servers it starts inherit the AWS_* environment
+    if args.lake:
+        try:
+            use_lake_url(args.lake, paths)
+        except (ValueError, OSError, LakeStoreError) as exc:
+            print(f"twofold demo: {exc}", file=sys.stderr)
+            return 2
     group = ServerGroup(paths["logs"])
     guard = InterruptGuard()
     with guard:  # also around the cleanup: a second Ctrl-C must not leave servers behind

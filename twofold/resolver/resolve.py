@@ -15,6 +15,7 @@ experiment's population, so its exposure counts).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -195,6 +196,19 @@ class Resolver:
         to_write: list[MaterializationRecord] = []
         results = [self._resolve_flag(flag, ctx, client, ev, to_write) for flag in flags]
         return Resolution(results, client, to_write)
+
+    def resolve_flag(self, flag: Flag, ctx: dict, client: Client) -> ResolvedFlag:
+        """One flag, looked up by the caller: active, visible to `client`, needing no stored
+        assignments (not in `state.flags_needing_store`); `ctx` a dict. No I/O.
+
+        Gives exactly what `resolve_pass` gives for that flag, without the per-call lookups a
+        caller that plans per flag once per state (the SDK's local evaluation) already did.
+        """
+        return self._resolve_flag(flag, ctx, client, self._without_store, [])
+
+    @functools.cached_property
+    def _without_store(self) -> _Evaluation:
+        return _Evaluation(self, None)  # holds no per-call state: one serves every `resolve_flag`
 
     # -- internals ------------------------------------------------------------------------------
 
