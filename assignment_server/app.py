@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from assignment_server.materializations import StickyStore
-from assignment_server.service import SERVICE_NAME, FlagResolverServicer, add_to_server
+from assignment_server.service import (
+    DEFAULT_TOKEN_MAX_AGE_SECONDS,
+    SERVICE_NAME,
+    FlagResolverServicer,
+    add_to_server,
+)
 from assignment_server.state_source import StateSource
 from assignment_server.tokens import TokenCodec, load_key
 from twofold.lake import LakeWriter
@@ -40,6 +46,30 @@ def served_allocations_path(spec: str | None, args: argparse.Namespace) -> Path:
     return Path(spec) if spec else beside_lake(args, "served-allocations.json")
 
 
+def warm_lake_encoding() -> None:
+    """Run, once, the pyarrow paths the first TrackEvents and ApplyFlags would otherwise pay for.
+
+    The first record batch built from Python objects imports pandas and initialises pyarrow's
+    kernels (0.3-0.9 s, mostly holding the GIL); the first compaction loads the Parquet writer.
+    Done before the server reports SERVING, so no client call waits for it.
+    """
+    import io
+
+    import pyarrow as pa
+
+    from twofold.lake import TABLE_SCHEMAS, rows_to_arrow, write_parquet
+
+    samples = {
+        "exposures": {"exposure_id": "warm", "ts": 0, "unit": "u", "flag": "flags/f", "rule": "r", "variant": "v",
+                      "assignment_id": "a", "resolve_id": "r", "client": "c"},
+        "events": {"event_id": "warm", "ts": 0, "unit": "u", "name": "n", "value": 1.0, "properties": "{}"},
+    }
+    for table, row in samples.items():
+        batch = rows_to_arrow([row], TABLE_SCHEMAS[table])
+        batch.serialize()
+        write_parquet(pa.Table.from_batches([batch]), io.BytesIO(), table)  # type: ignore[arg-type]
+
+
 def build_setup(args: argparse.Namespace) -> Callable[[ServerSettings], Awaitable[ServiceSetup]]:
     """The `setup` for `twofold.server.run_service` (also used by tests with a Namespace)."""
 
@@ -60,8 +90,11 @@ def build_setup(args: argparse.Namespace) -> Callable[[ServerSettings], Awaitabl
         except BaseException:
             await exposures.close()
             raise
+        await asyncio.to_thread(warm_lake_encoding)
         store = open_materializations(args)
-        servicer = FlagResolverServicer(source, exposures, events, TokenCodec(key), store)
+        servicer = FlagResolverServicer(source, exposures, events, TokenCodec(key), store,
+                                        token_max_age=getattr(args, "token_max_age_seconds", None)
+                                        or DEFAULT_TOKEN_MAX_AGE_SECONDS)
         # Ids stored shortly before a restart: a client resending a batch whose answer it never
         # got is told "duplicates" instead of storing it twice (issue 14.6).
         servicer.remember_stored(exposures.recent_ids(), events.recent_ids())

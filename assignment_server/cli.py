@@ -62,10 +62,15 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
                         "generated at startup when absent (tokens then die with the process)")
     g.add_argument("--token-key-file", default=env_default("token_key_file", None),
                    help="file holding the token key [TWOFOLD_TOKEN_KEY_FILE]")
+    g.add_argument("--token-max-age-seconds", type=float,
+                   default=float(env_default("token_max_age_seconds", "3600") or 3600),
+                   help="ApplyFlags refuses resolve tokens older than this (FAILED_PRECONDITION) "
+                        "[TWOFOLD_TOKEN_MAX_AGE_SECONDS]")
     g.add_argument("--reload-interval", type=float, default=float(env_default("reload_interval", "1.0") or 1.0),
                    help="seconds between checks of the flag source, 0 disables hot reload "
                         "[TWOFOLD_RELOAD_INTERVAL]")
-    add_server_arguments(parser, DEFAULT_PORT)
+    # Client secrets travel in the requests and are checked by the servicer, per environment.
+    add_server_arguments(parser, DEFAULT_PORT, metadata_auth=False)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -75,18 +80,22 @@ def _run_serve(args: argparse.Namespace) -> int:
     from twofold.resolver import StateError
     from twofold.server import run_service
 
+    if args.token_max_age_seconds <= 0:
+        print("twofold serve-assignment: --token-max-age-seconds must be positive", file=sys.stderr)
+        return 2
     apply_storage_arguments(args)
     try:
         return run_service(args, build_setup(args))
-    except (FlagFileError, StateError, OSError) as exc:
+    except (FlagFileError, StateError) as exc:
         # No last good state to fall back to at startup: refuse to start, saying why.
         problems = [str(p) for p in getattr(exc, "problems", [])] or [str(exc)]
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)
         print(f"twofold serve-assignment: cannot load the flag source {args.flags}", file=sys.stderr)
         return 2
-    except (LakeStoreError, ValueError, RuntimeError) as exc:
-        # A lake it cannot write to, a bad writer id or one in use: refuse before acknowledging anything.
+    except (LakeStoreError, OSError, ValueError, RuntimeError) as exc:
+        # A lake it cannot write to, a bad writer id or one in use, a file that cannot be read:
+        # refuse before acknowledging anything, saying which (not a traceback or another cause).
         print(f"twofold serve-assignment: {exc}", file=sys.stderr)
         return 2
 

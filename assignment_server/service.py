@@ -8,6 +8,7 @@ that writes is acknowledged only after the lake writer fsynced its records.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import itertools
@@ -20,7 +21,6 @@ from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
-from google.protobuf.message import DecodeError, Message
 from prometheus_client import Counter
 
 from assignment_server.materializations import StickyStore
@@ -39,6 +39,7 @@ from twofold.resolver import (
     TooManyFlagsError,
 )
 from twofold.resolver.state import Client
+from twofold.resolver.verify import assignment_problem
 from twofold.structs import struct_to_dict
 
 log = logging.getLogger("twofold.assignment")
@@ -48,6 +49,13 @@ MAX_EVENTS_PER_CALL = 10_000
 MAX_APPLIES_PER_CALL = 10_000
 MAX_ID_LENGTH = 256
 WATCH_HEARTBEAT_SECONDS = 30.0
+# Large batches hand the event loop back every this many records (~1 ms of work), so a 10,000-event
+# call does not hold it for tens of milliseconds: other calls (refusals and probes included) are
+# dispatched once per loop turn, and a long turn delays every one of them.
+YIELD_EVERY = 500
+# A resolve token older than this is refused by ApplyFlags: an exposure logged hours after the
+# decision would land outside the analysis window it belongs to, and a leaked token stops working.
+DEFAULT_TOKEN_MAX_AGE_SECONDS = 3600.0
 
 RESOLVES = loop_metrics.counter("twofold_assignment_resolves", "Resolved flags.", ["flag", "variant", "reason"])
 APPLIES = Counter("twofold_assignment_applies", "Exposures received.", ["result"])
@@ -98,45 +106,31 @@ class RecentIds:
             self._previous.discard(item)
 
 
-class _Undecodable:
-    """Stands in for a request whose bytes are not the expected protobuf message."""
-
-
-UNDECODABLE: Any = _Undecodable()
-
-
-def _tolerant(message: type[Message]) -> Any:
-    def parse(data: bytes) -> Any:
-        try:
-            return message.FromString(data)
-        except DecodeError:
-            return UNDECODABLE
-    return parse
-
-
 def add_to_server(servicer: FlagResolverServicer, server: Any) -> None:
-    """Register like the generated function, but an undecodable request becomes INVALID_ARGUMENT.
+    """Register the servicer (undecodable requests are answered INVALID_ARGUMENT by `twofold.guard`)."""
+    pb_grpc.add_FlagResolverServiceServicer_to_server(servicer, server)
 
-    (With the generated deserializers gRPC answers such a request with UNKNOWN.)
+
+def non_finite_field(value: Any, path: str = "") -> str | None:
+    """The path of the first NaN or infinite number in a context (a Struct holds doubles), or None.
+
+    Targeting compares numbers as numbers and as their text; NaN equals nothing and `inf` would
+    be compared as the string "inf", so such a value is refused rather than silently mismatched.
     """
-    def unary(method: Any, req: type[Message], resp: type[Message]) -> grpc.RpcMethodHandler:
-        return grpc.unary_unary_rpc_method_handler(method, request_deserializer=_tolerant(req),
-                                                   response_serializer=resp.SerializeToString)
-    handlers = {
-        "ResolveFlags": unary(servicer.ResolveFlags, pb.ResolveFlagsRequest, pb.ResolveFlagsResponse),
-        "ApplyFlags": unary(servicer.ApplyFlags, pb.ApplyFlagsRequest, pb.ApplyFlagsResponse),
-        "TrackEvents": unary(servicer.TrackEvents, pb.TrackEventsRequest, pb.TrackEventsResponse),
-        "WatchState": grpc.unary_stream_rpc_method_handler(
-            servicer.WatchState, request_deserializer=_tolerant(pb.WatchStateRequest),
-            response_serializer=pb.StateSnapshot.SerializeToString),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
-
-
-async def _reject_undecodable(request: Any, context: grpc.aio.ServicerContext) -> None:
-    if request is UNDECODABLE:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid protobuf message")
+    t = type(value)
+    if t is float:
+        return path if value - value != 0.0 else None  # NaN and ±inf: x - x is NaN
+    if t is dict:
+        for key, item in value.items():
+            found = non_finite_field(item, f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+    elif t is list:
+        for i, item in enumerate(value):
+            found = non_finite_field(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _properties_json(properties: struct_pb2.Struct) -> str:
@@ -156,8 +150,10 @@ def normalize_flag(name: str) -> str:
 
 class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
     def __init__(self, source: StateSource, exposures: LakeWriter, events: LakeWriter, tokens: TokenCodec,
-                 materializations: StickyStore | None) -> None:
+                 materializations: StickyStore | None,
+                 token_max_age: float = DEFAULT_TOKEN_MAX_AGE_SECONDS) -> None:
         self.source = source
+        self.token_max_age = token_max_age
         self.exposures = exposures
         self.events = events
         self.tokens = tokens
@@ -267,7 +263,6 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
 
     async def ResolveFlags(self, request: pb.ResolveFlagsRequest,
                            context: grpc.aio.ServicerContext) -> pb.ResolveFlagsResponse:
-        await _reject_undecodable(request, context)
         if len(request.flags) > MAX_FLAGS_PER_RESOLVE:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"at most {MAX_FLAGS_PER_RESOLVE} flags per request, got {len(request.flags)}")
@@ -280,6 +275,10 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"unknown flag(s) for this client: {', '.join(sorted(set(missing))[:20])}")
         ctx = struct_to_dict(request.evaluation_context)
+        bad = non_finite_field(ctx)
+        if bad is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"evaluation_context.{bad} is not a finite number (NaN and infinity match nothing)")
         try:
             resolver = self._resolver(served)
             if self.materializations is None:
@@ -326,7 +325,6 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
 
     async def ApplyFlags(self, request: pb.ApplyFlagsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ApplyFlagsResponse:
-        await _reject_undecodable(request, context)
         receive = int(time.time() * 1_000_000)
         served = self._served()
         client = await self._client(served, request.client_secret, context)
@@ -355,6 +353,12 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             if token.client != client.name:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, "resolve token belongs to another client")
+            age = receive / 1_000_000 - token.issued_at
+            if age > self.token_max_age:
+                APPLIES.labels("expired_token").inc(len(request.flags))
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"resolve token expired: issued {age:.0f} s ago, tokens are valid for "
+                                    f"{self.token_max_age:.0f} s (--token-max-age-seconds); resolve again")
             for applied in request.flags:
                 name = normalize_flag(applied.flag)
                 if name not in token.assignments:
@@ -366,7 +370,10 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
                 records.extend(self._exposure(token.resolve_id, name, a, client.name, ts)
                                for a in token.assignments[name])
         state = served.state
-        for la in request.local_assignments:
+        refused, refusal = 0, ""
+        for n, la in enumerate(request.local_assignments):
+            if n % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)
             name = normalize_flag(la.flag)
             flag = state.flags.get(name)
             problem = None
@@ -383,17 +390,27 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
             if problem:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
             variant = la.variant if (not la.variant or la.variant in flag.variants) else f"{name}/variants/{la.variant}"
+            # Well-formed, but would this server have assigned it to this client? (trust nothing)
+            wrong = assignment_problem(state, client, name, la.rule, la.unit, variant, la.assignment_id)
+            if wrong is not None:
+                refused += 1
+                refusal = refusal or f"local assignment of {name} for unit {la.unit}: {wrong}"
+                continue
             records.append(self._exposure(la.resolve_id, name, TokenAssignment(la.unit, la.rule, "", variant,
                                                                                la.assignment_id),
                                           client.name, corrected(la.apply_time)))
+        if refused:
+            APPLIES.labels("refused").inc(refused)
+            log.warning("local assignments refused", extra={"fields": {
+                "client": client.name, "refused": refused, "first": refusal}})
         accepted, duplicates = await self._write_exposures(records, context)
-        return pb.ApplyFlagsResponse(accepted=accepted, duplicates=duplicates, server_time=_now_timestamp())
+        return pb.ApplyFlagsResponse(accepted=accepted, duplicates=duplicates, refused=refused, refusal=refusal,
+                                     server_time=_now_timestamp())
 
     # -- TrackEvents ----------------------------------------------------------------------------
 
     async def TrackEvents(self, request: pb.TrackEventsRequest,
                           context: grpc.aio.ServicerContext) -> pb.TrackEventsResponse:
-        await _reject_undecodable(request, context)
         receive = int(time.time() * 1_000_000)
         served = self._served()
         await self._client(served, request.client_secret, context)
@@ -403,6 +420,8 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
         send = _micros(request.send_time) if request.HasField("send_time") else None
         records, batch_ids, duplicates = [], set(), 0
         for i, e in enumerate(request.events):
+            if i % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)
             for field_name in ("event_id", "unit", "name"):
                 text = getattr(e, field_name)
                 if not text or len(text) > MAX_ID_LENGTH:
@@ -410,7 +429,7 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
                                         f"event {i}: {field_name} must be 1..{MAX_ID_LENGTH} characters")
             if e.HasField("value") and (e.value != e.value or abs(e.value) == float("inf")):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"event {i}: value must be finite")
-            if e.event_id in self._seen_events or e.event_id in batch_ids:
+            if e.event_id in batch_ids:
                 duplicates += 1
                 continue
             batch_ids.add(e.event_id)
@@ -421,6 +440,13 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
             records.append({"event_id": e.event_id, "ts": ts, "unit": e.unit, "name": e.name,
                             "value": e.value if e.HasField("value") else None,
                             "properties": _properties_json(e.properties)})
+        # Against ids already seen only now, with no await since: a concurrent retry of the same
+        # batch (the loop above may yield) is then a duplicate, never written twice.
+        seen = self._seen_events
+        fresh = [r for r in records if r["event_id"] not in seen]
+        duplicates += len(records) - len(fresh)
+        records = fresh
+        batch_ids = {r["event_id"] for r in records}
         if records:
             for eid in batch_ids:
                 self._seen_events.add(eid)
@@ -465,7 +491,6 @@ class FlagResolverServicer(pb_grpc.FlagResolverServiceServicer):
 
     async def WatchState(self, request: pb.WatchStateRequest,
                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StateSnapshot]:
-        await _reject_undecodable(request, context)
         served = self._served()
         client = await self._client(served, request.client_secret, context)
         if served.generation != request.known_generation:

@@ -145,7 +145,8 @@ class AsyncClient(ClientSurface):
         if not self._models:
             raise TwofoldError(ErrorCode.GENERAL, "no model server configured")
         stub = self._models[self._model_pool.pick()]  # type: ignore[union-attr]
-        response = await stub.ListModels(model_pb2.ListModelsRequest(), timeout=self.options.deadlines.model)
+        response = await stub.ListModels(model_pb2.ListModelsRequest(), timeout=self.options.deadlines.model,
+                                  metadata=self._core.model_metadata)
         return list(response.models)
 
     async def flush(self) -> bool:
@@ -240,7 +241,8 @@ class AsyncClient(ClientSurface):
             return systems.failed(p, ErrorCode.SYSTEM_FAILED, "no model server configured")
         stub = self._models[self._model_pool.pick()]  # type: ignore[union-attr]
         try:
-            response = await getattr(stub, p.method)(p.request, timeout=self.options.deadlines.model)  # type: ignore[arg-type]
+            response = await getattr(stub, p.method)(p.request, timeout=self.options.deadlines.model,
+                                                          metadata=self._core.model_metadata)  # type: ignore[arg-type]
         except grpc.RpcError as exc:
             return systems.failed_call(p, exc)
         return systems.finish_model(p, response)

@@ -260,6 +260,10 @@ class EventQueue:
                 self._stats.events_dropped += 1
 
 
+# The metadata a server started with --client-secrets-file checks (twofold.guard.SECRET_METADATA_KEY).
+SECRET_METADATA_KEY = "x-twofold-client-secret"
+
+
 class ClockOffset:
     """A lower bound of (server clock - this client's clock), learnt from the servers' answers.
 
@@ -303,6 +307,9 @@ class ClientCore:
 
     def __init__(self, client_secret: str, options: ClientOptions) -> None:
         self.client_secret = client_secret
+        # Sent with model-server calls: that server may require the same secrets (--client-secrets-file).
+        self.model_metadata: tuple[tuple[str, str], ...] = (
+            ((SECRET_METADATA_KEY, client_secret),) if client_secret else ())
         self.options = options
         self.stats = ClientStats()
         self.systems = SystemRegistry()

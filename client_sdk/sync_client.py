@@ -173,7 +173,8 @@ class Client(ClientSurface):
         if not self._models:
             raise TwofoldError(ErrorCode.GENERAL, "no model server configured")
         stub = self._models[self._model_pool.pick()]  # type: ignore[union-attr]
-        return list(stub.ListModels(model_pb2.ListModelsRequest(), timeout=self.options.deadlines.model).models)
+        return list(stub.ListModels(model_pb2.ListModelsRequest(), timeout=self.options.deadlines.model,
+                                  metadata=self._core.model_metadata).models)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Send every queued exposure and event now; True when nothing is left unsent."""
@@ -225,7 +226,8 @@ class Client(ClientSurface):
             return systems.failed(p, ErrorCode.SYSTEM_FAILED, "no model server configured")
         stub = self._models[self._model_pool.pick()]  # type: ignore[union-attr]
         try:
-            response = getattr(stub, p.method)(p.request, timeout=self.options.deadlines.model)  # type: ignore[arg-type]
+            response = getattr(stub, p.method)(p.request, timeout=self.options.deadlines.model,
+                                                          metadata=self._core.model_metadata)  # type: ignore[arg-type]
         except grpc.RpcError as exc:
             return systems.failed_call(p, exc)
         return systems.finish_model(p, response)

@@ -51,11 +51,21 @@ def run_workers(args: argparse.Namespace, serve_one: Callable[[argparse.Namespac
         # Metrics created before the environment variable below would not be shared.
         raise RuntimeError("prometheus_client was imported before the workers were forked; "
                            "model metrics would not be merged across workers")
-    metrics_dir = tempfile.mkdtemp(prefix="twofold-model-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    from twofold.ports import PortInUseError, check_port_free
+    from twofold.settings import metrics_port_for
+
+    args.metrics_port = -1 if (port := metrics_port_for(args.port, args.metrics_port)) is None else port
     reserved = None
     if args.port == 0:
         reserved, args.port = _reserve_port(args.host)
+    else:
+        try:  # the workers share the port with each other (SO_REUSEPORT), never with another server
+            check_port_free(args.host, args.port, "gRPC")
+        except PortInUseError as exc:
+            print(f"twofold: {exc}", file=sys.stderr)
+            return 1
+    metrics_dir = tempfile.mkdtemp(prefix="twofold-model-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     ready_file = getattr(args, "ready_file", None)
     state_dir = Path(tempfile.mkdtemp(prefix="twofold-model-workers-"))
     stopping = False
@@ -72,6 +82,7 @@ def run_workers(args: argparse.Namespace, serve_one: Callable[[argparse.Namespac
                 child_args.metrics_port = -1
                 child_args.ready_file = str(state_dir / f"worker-{index}.json")
                 child_args.workers = 1
+                child_args.reuse_port = True
                 # Each worker owns its own decision log, the same one after a restart (twofold.lake).
                 child_args.writer_id = f"{getattr(args, 'writer_id', None) or default_writer_id()}-w{index}"
                 code = serve_one(child_args)

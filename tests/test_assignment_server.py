@@ -311,8 +311,11 @@ def test_watch_state_skips_a_known_generation_and_local_exposures_are_accepted(h
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
     now = time.time()
-    local = pb.LocalAssignment(flag="flags/home-ranking", unit="user-1", variant="bandit", rule="r",
-                               assignment_id="x", resolve_id="local-1", apply_time=_ts(now))
+    # What the SDK's local evaluation reports: the rule, variant and assignment the state gives the unit.
+    state = ResolverState.from_json(harness.servicer.source.current.state_json)  # type: ignore[attr-defined]
+    mine = Resolver(state).resolve(["flags/home-ranking"], {"targeting_key": "user-1", "platform": "web"}, SECRET)[0]
+    local = pb.LocalAssignment(flag="flags/home-ranking", unit="user-1", variant=mine.variant_name, rule=mine.rule,
+                               assignment_id=mine.assignment_id, resolve_id="local-1", apply_time=_ts(now))
     request = pb.ApplyFlagsRequest(client_secret=SECRET, send_time=_ts(now), local_assignments=[local])
     assert harness.stub.ApplyFlags(request, timeout=10).accepted == 1
     assert harness.stub.ApplyFlags(request, timeout=10).duplicates == 1
@@ -324,7 +327,7 @@ def test_watch_state_skips_a_known_generation_and_local_exposures_are_accepted(h
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     harness.bg.run(harness.servicer.exposures.flush())  # type: ignore[attr-defined]
     rows = read_table(harness.lake, "exposures").to_pylist()
-    assert [(r["unit"], r["variant"]) for r in rows] == [("user-1", "flags/home-ranking/variants/bandit")]
+    assert [(r["unit"], r["variant"], r["rule"]) for r in rows] == [("user-1", mine.variant, mine.rule)]
 
 
 def test_undecodable_request_bytes_do_not_hurt_the_server(harness: Harness) -> None:

@@ -45,6 +45,14 @@ class ServerSettings:
     metrics_host: str = "127.0.0.1"
     # None disables the Prometheus endpoint; 0 picks a free port (reported back).
     metrics_port: int | None = None
+    # Server reflection (grpcurl without .proto files); some operators turn it off in production.
+    reflection: bool = True
+    # When set, every call except health and reflection must carry one of the secrets in this
+    # file (one per line) in the `x-twofold-client-secret` metadata; re-read when it changes.
+    client_secrets_file: Path | None = None
+    # Share the port with other sockets (SO_REUSEPORT): only among one server's own --workers,
+    # never by accident with another server started on a port already in use.
+    reuse_port: bool = False
     max_message_bytes: int = 16 * 1024 * 1024
     # Calls in flight beyond this are answered RESOURCE_EXHAUSTED instead of queued.
     max_concurrent_rpcs: int | None = 1000
@@ -65,17 +73,32 @@ class ServerSettings:
         return f"{host}:{self.port}"
 
 
-def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> None:
-    """Declare the shared transport flags on a service's subcommand parser."""
+def metrics_port_for(port: int, metrics_port: int | None) -> int | None:
+    """The Prometheus port: as given (-1 = off), else the chosen gRPC port + 1000 (any free port for 0)."""
+    if metrics_port is None:
+        return port + 1000 if port else 0
+    return None if metrics_port < 0 else metrics_port
+
+
+def _optional_int(value: str | None) -> int | None:
+    return None if value in (None, "") else int(value)
+
+
+def add_server_arguments(parser: argparse.ArgumentParser, default_port: int, *, metadata_auth: bool = True) -> None:
+    """Declare the shared transport flags on a service's subcommand parser.
+
+    `metadata_auth=False` leaves out `--client-secrets-file`, for a service that checks client
+    secrets in its requests itself (the assignment server).
+    """
     g = parser.add_argument_group("server (flags override TWOFOLD_* environment variables)")
     g.add_argument("--host", default=env_default("host", "0.0.0.0"), help="bind address [TWOFOLD_HOST]")
     g.add_argument("--port", type=int, default=int(env_default("port", str(default_port)) or default_port),
                    help="gRPC port, 0 for any free port [TWOFOLD_PORT]")
     g.add_argument("--metrics-host", default=env_default("metrics_host", "0.0.0.0"),
                    help="Prometheus endpoint bind address [TWOFOLD_METRICS_HOST]")
-    g.add_argument("--metrics-port", type=int,
-                   default=int(env_default("metrics_port", str(default_port + 1000)) or 0),
-                   help="Prometheus /metrics port, -1 to disable [TWOFOLD_METRICS_PORT]")
+    g.add_argument("--metrics-port", type=int, default=_optional_int(env_default("metrics_port", None)),
+                   help="Prometheus /metrics port, -1 to disable; default the gRPC --port + 1000 "
+                        "(any free port when --port is 0) [TWOFOLD_METRICS_PORT]")
     g.add_argument("--max-message-bytes", type=int,
                    default=int(env_default("max_message_bytes", str(16 * 1024 * 1024)) or 0),
                    help="largest request or response message [TWOFOLD_MAX_MESSAGE_BYTES]")
@@ -93,6 +116,14 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
     g.add_argument("--tls-client-ca", default=env_default("tls_client_ca", None),
                    help="PEM CA bundle; when set, clients must present a certificate it signed "
                         "(mutual TLS) [TWOFOLD_TLS_CLIENT_CA]")
+    g.add_argument("--reflection", default=env_default("reflection", "on"), choices=["on", "off"],
+                   help="gRPC server reflection, for grpcurl without .proto files [TWOFOLD_REFLECTION]")
+    if metadata_auth:
+        g.add_argument("--client-secrets-file", default=env_default("client_secrets_file", None),
+                       help="file of client secrets, one per line (the assignment server's client "
+                            "secrets): every call but health and reflection must send one in the "
+                            "x-twofold-client-secret metadata; re-read when the file changes "
+                            "[TWOFOLD_CLIENT_SECRETS_FILE]")
     g.add_argument("--ready-file", default=env_default("ready_file", None),
                    help="once serving, atomically write {pid, port, metrics_port} as JSON here "
                         "(how tests and scripts learn a port-0 binding) [TWOFOLD_READY_FILE]")
@@ -117,11 +148,20 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be within 0..65535, got {args.port}")
+    metrics_port = metrics_port_for(args.port, args.metrics_port)
+    if metrics_port is not None and metrics_port > 65535:
+        raise ValueError(f"the metrics port (--port + 1000 = {metrics_port}) is above 65535: set --metrics-port")
+    secrets_file = getattr(args, "client_secrets_file", None)
+    if secrets_file and not Path(secrets_file).is_file():
+        raise ValueError(f"--client-secrets-file {secrets_file} is not a readable file")
     return ServerSettings(
         host=args.host,
         port=args.port,
         metrics_host=args.metrics_host,
-        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        metrics_port=metrics_port,
+        reflection=getattr(args, "reflection", "on") == "on",
+        client_secrets_file=Path(secrets_file) if secrets_file else None,
+        reuse_port=bool(getattr(args, "reuse_port", False)),
         max_message_bytes=args.max_message_bytes,
         max_concurrent_rpcs=args.max_concurrent_rpcs or None,
         grace_seconds=args.grace_seconds,

@@ -543,12 +543,8 @@ def test_random_bytes_that_decode_never_answer_unknown_or_internal(path: str,
     assert all(s.proc.poll() is None for s in fuzz_targets.values())
 
 
-# The shared runtime (twofold/server.py) wraps every service's request deserializers so that bytes
-# which are not the request message are answered INVALID_ARGUMENT; that change belongs to issue 14's
-# runtime half. Until it has landed, gRPC answers such bytes itself (UNKNOWN or INTERNAL) before any
-# model or analysis handler runs.
-@pytest.mark.xfail(reason="undecodable request bytes: needs the deserializer wrapping in twofold/server.py "
-                          "(issue 14, runtime half)", strict=True)
+# The shared runtime decodes every request itself (twofold.guard), so bytes which are not the
+# request message are answered INVALID_ARGUMENT before any model or analysis handler runs.
 def test_undecodable_bytes_are_invalid_argument_on_every_rpc(fuzz_targets: dict[str, ServerProcess]) -> None:
     wrong: dict[str, list[Answer]] = {}
     for path, message in sorted(RPCS.items()):

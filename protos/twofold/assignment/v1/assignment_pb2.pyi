@@ -115,14 +115,18 @@ class ApplyFlagsRequest(_message.Message):
     def __init__(self, flags: _Optional[_Iterable[_Union[AppliedFlag, _Mapping]]] = ..., client_secret: _Optional[str] = ..., resolve_token: _Optional[bytes] = ..., send_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., local_assignments: _Optional[_Iterable[_Union[LocalAssignment, _Mapping]]] = ..., sdk: _Optional[str] = ..., clock_offset_micros: _Optional[int] = ...) -> None: ...
 
 class ApplyFlagsResponse(_message.Message):
-    __slots__ = ("accepted", "duplicates", "server_time")
+    __slots__ = ("accepted", "duplicates", "server_time", "refused", "refusal")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     duplicates: int
     server_time: _timestamp_pb2.Timestamp
-    def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ..., server_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    refused: int
+    refusal: str
+    def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ..., server_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., refused: _Optional[int] = ..., refusal: _Optional[str] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("event_id", "unit", "name", "value", "time", "properties")
