@@ -1,7 +1,7 @@
 """The Python API: analyse an experiment against a lake folder, get the results document and a report.
 
     from analysis_worker.analyze import analyze
-    result = analyze("examples/experiments/home-ranking.yaml", lake="data/lake")
+    result = analyze("examples/experiments/home-ranking.yaml", lake="data/lake")   # engine="spark" too
     result.document["decision"]["recommendation"]   # contract 5
     result.write("out/")                              # home-ranking.json + home-ranking.html
 
@@ -21,13 +21,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import duckdb
-
 from analysis_worker.compute import compute_results
 from analysis_worker.config import ExperimentConfig, load_experiment
+from analysis_worker.engine import Engine, LakeSession, make_engine
 from analysis_worker.inputs import MetricInput, SequentialInput, StatsInput, VariantStats
-from analysis_worker.lake import LakeError, open_lake, row_count
-from analysis_worker.sql import MULTIPLE, UNKNOWN, build_query, null_rows_query, stat_columns
+from analysis_worker.lake import LakeError
+from analysis_worker.sql import (
+    MULTIPLE,
+    UNKNOWN,
+    caps_query,
+    null_rows_query,
+    per_unit_query,
+    percentile_caps,
+    stat_columns,
+    statistics_query,
+)
 
 
 @dataclass
@@ -136,49 +144,100 @@ def stats_input_from_rows(experiment: ExperimentConfig, rows: list[dict[str, Any
         deterioration_alpha=experiment.deterioration_alpha)
 
 
-def _known_flags(con: duckdb.DuckDBPyConnection) -> list[str]:
-    return [r[0] for r in con.execute("SELECT DISTINCT flag FROM exposures ORDER BY flag LIMIT 20").fetchall()]
+def _known_flags(lake: LakeSession) -> list[str]:
+    return [r["flag"] for r in lake.rows("SELECT DISTINCT flag FROM exposures ORDER BY flag LIMIT 20")]
+
+
+def _caps_document(config: ExperimentConfig, caps: Mapping[str, float | None]) -> dict[str, dict[str, Any]]:
+    """The percentile caps the statistics used, per metric (`value`; `covariate` for its CUPED covariate)."""
+    out: dict[str, dict[str, Any]] = {}
+    for i, metric in enumerate(config.metrics):
+        if f"m{i}" in caps and metric.cap is not None:
+            entry: dict[str, Any] = {"percentile": metric.cap.percentile, "value": caps[f"m{i}"]}
+            if f"c{i}" in caps:
+                entry["covariate"] = caps[f"c{i}"]
+            out[metric.name] = entry
+    return out
+
+
+def _day(value: Any) -> dt.date:
+    """Engines return a DATE as `datetime.date`; a timestamp at midnight from some drivers."""
+    return value.date() if isinstance(value, dt.datetime) else value
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """What the SQL steps returned: rows per variant and day, the percentile caps, the rows excluded for
+    a NULL unit or id (`null_rows_query`), and the statements."""
+
+    rows: list[dict[str, Any]]
+    caps: dict[str, float | None]
+    null_rows: dict[str, int]
+    steps: list[str]
+
+
+def sufficient_statistics(tables: LakeSession, config: ExperimentConfig) -> Statistics:
+    """Run the steps of `analysis_worker.engine` on an open lake; `LakeError` if the engine fails."""
+    steps = [per_unit_query(config)]
+    tables.materialize("per_unit", steps[0])
+    caps: dict[str, float | None] = {}
+    caps_sql = caps_query(config)
+    if caps_sql is not None:
+        steps.append(caps_sql)
+        (row,) = tables.rows(caps_sql)
+        caps = {col: None if row[f"cap_{col}"] is None else float(row[f"cap_{col}"])
+                for col in percentile_caps(config)}
+    steps.append(statistics_query(config, caps))
+    rows = [dict(r, day=_day(r["day"])) for r in tables.rows(steps[-1])]
+    steps.append(null_rows_query(config, events=tables.present["events"]))
+    (nulls,) = tables.rows(steps[-1])
+    return Statistics(rows=rows, caps=caps, null_rows={k: int(v) for k, v in nulls.items()}, steps=steps)
 
 
 def analyze(experiment: str | Path | Mapping[str, Any] | ExperimentConfig, lake: str | Path, *,
             now: dt.datetime | None = None, threads: int | None = None,
-            memory_limit: str | None = None) -> Analysis:
-    """Compute the results of one experiment from the lake folder `lake` (see the module doc)."""
+            memory_limit: str | None = None, engine: str | Engine = "duckdb") -> Analysis:
+    """Compute the results of one experiment from the lake at `lake` (see the module doc).
+
+    `engine` is "duckdb" (default; `threads` and `memory_limit` are its settings), "spark" (a
+    local Spark session; see `analysis_worker.engine_spark`) or an `Engine` made by
+    `analysis_worker.engine.make_engine` (a Spark cluster, Spark Connect), which is left open.
+    """
     config = experiment if isinstance(experiment, ExperimentConfig) else load_experiment(experiment)
     started = time.perf_counter()
     computed_at = now or dt.datetime.now(dt.UTC)
-    query = build_query(config)
-    base = {"flag": config.flag, "rule": config.rule, "lake": str(lake),
+    runner = make_engine(engine, threads=threads, memory_limit=memory_limit) if isinstance(engine, str) else engine
+    steps = [per_unit_query(config)]
+    base = {"flag": config.flag, "rule": config.rule, "lake": str(lake), "engine": runner.name,
             "start": config.start.isoformat(), "end": config.end.isoformat() if config.end else None}
 
     def failed(message: str, rows_scanned: int = 0) -> Analysis:
         doc = error_document(config.name, message, computed_at, extra=base)
         return Analysis(experiment=config.name, document=doc, duration_seconds=time.perf_counter() - started,
-                        rows_scanned=rows_scanned, sql=query, error=message)
+                        rows_scanned=rows_scanned, sql=";\n\n".join(steps), error=message)
 
     try:
-        tables = open_lake(lake, threads=threads, memory_limit=memory_limit)
+        tables = runner.open(lake)
     except LakeError as exc:
+        if isinstance(engine, str):
+            runner.close()
         return failed(str(exc))
-    con = tables.connection
     try:
         if not tables.present["exposures"]:
             return failed(f"the lake at {str(lake)!r} has no exposures table "
                           "(expected exposures/date=YYYY-MM-DD/*.parquet)")
         scanned = 0
         try:
-            scanned = row_count(con, "exposures") + row_count(con, "events")
-            cursor = con.execute(query)
-            names = [d[0] for d in cursor.description]
-            rows = [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
-            cursor = con.execute(null_rows_query(config, events=tables.present["events"]))
-            null_rows = dict(zip([d[0] for d in cursor.description], cursor.fetchone() or (), strict=True))
-        except duckdb.Error as exc:
+            scanned = tables.row_count("exposures") + tables.row_count("events")
+            statistics = sufficient_statistics(tables, config)
+        except LakeError as exc:
             return failed(f"reading the lake failed: {exc}", scanned)
+        steps[:] = statistics.steps
+        rows, caps, null_rows = statistics.rows, statistics.caps, statistics.null_rows
         excluded = {r["variant"]: int(r["n"]) for r in rows if r["variant"] in (MULTIPLE, UNKNOWN)}
         data = [r for r in rows if r["variant"] not in (MULTIPLE, UNKNOWN)]
         if not data:
-            flags = _known_flags(con)
+            flags = _known_flags(tables)
             where = f" with rule {config.rule!r}" if config.rule else ""
             window = f"between {config.start.isoformat()} and {config.end.isoformat() if config.end else 'now'}"
             if not set(config.flag_names()) & set(flags):
@@ -196,11 +255,14 @@ def analyze(experiment: str | Path | Mapping[str, Any] | ExperimentConfig, lake:
             from analysis_worker.segments import segment_breakdowns
 
             try:
-                segments = segment_breakdowns(con, lake, config, query, stats_input_from_rows)
-            except duckdb.Error as exc:
+                segments = segment_breakdowns(tables, lake, config,
+                                              lambda t, c: sufficient_statistics(t, c).rows, stats_input_from_rows)
+            except (LakeError, OSError) as exc:
                 segments = {"dimensions": [], "error": f"reading the segments failed: {exc}"}
     finally:
-        con.close()
+        tables.close()
+        if isinstance(engine, str):
+            runner.close()
 
     stats = stats_input_from_rows(config, data)
     running = config.end is None or config.end > computed_at
@@ -215,7 +277,8 @@ def analyze(experiment: str | Path | Mapping[str, Any] | ExperimentConfig, lake:
     extra = {
         **base,
         "exclusions": {"multiple_variants": excluded.get(MULTIPLE, 0), "unknown_variant": excluded.get(UNKNOWN, 0),
-                       **{k: int(v) for k, v in null_rows.items()}},
+                       **null_rows},
+        "caps": _caps_document(config, caps),
         "look_dates": [d.isoformat() for d in days],
         "rows_scanned": scanned,
     }
@@ -239,4 +302,4 @@ def analyze(experiment: str | Path | Mapping[str, Any] | ExperimentConfig, lake:
         document["warnings"].append(f"{excluded[UNKNOWN]} unit(s) exposed only to variants not in the definition "
                                     "were excluded")
     return Analysis(experiment=config.name, document=document, duration_seconds=time.perf_counter() - started,
-                    rows_scanned=scanned, sql=query)
+                    rows_scanned=scanned, sql=";\n\n".join(steps))

@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from twofold.cli import Command
 from twofold.lakestore import add_storage_arguments, apply_storage_arguments
@@ -20,6 +21,9 @@ from twofold.settings import add_server_arguments, env_default
 
 log = logging.getLogger("twofold.analysis")
 
+if TYPE_CHECKING:
+    from analysis_worker.engine import Engine
+
 DEFAULT_PORT = 50053
 # The results web UI listens on the gRPC port + 2000 by default (metrics use + 1000).
 HTTP_PORT_OFFSET = 2000
@@ -27,6 +31,34 @@ HTTP_PORT_OFFSET = 2000
 
 def _err(message: str) -> None:
     print(f"twofold: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- engines
+
+def _spark_setting(value: str) -> tuple[str, str]:
+    key, sep, setting = value.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, e.g. spark.driver.memory=4g; got {value!r}")
+    return key.strip(), setting.strip()
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=["duckdb", "spark"], default=env_default("analysis_engine", "duckdb"),
+                        help="what runs the metric SQL: DuckDB in this process, or Spark (pip install "
+                             "'twofold[spark]') [TWOFOLD_ANALYSIS_ENGINE, default duckdb]")
+    parser.add_argument("--spark-master", default=env_default("spark_master", None),
+                        help="with --engine spark: local[*] (default), spark://host:7077, yarn, k8s://..., or a "
+                             "Spark Connect URL sc://host:15002 [TWOFOLD_SPARK_MASTER]")
+    parser.add_argument("--spark-conf", type=_spark_setting, action="append", default=[], metavar="KEY=VALUE",
+                        help="with --engine spark: a Spark setting, repeatable (e.g. spark.driver.memory=4g)")
+
+
+def _engine(args: argparse.Namespace) -> Engine:
+    """The engine the flags ask for; ValueError (one line) for flags of the other engine."""
+    from analysis_worker.engine import make_engine
+
+    return make_engine(args.engine, threads=args.threads, memory_limit=args.memory_limit,
+                       spark_master=args.spark_master, spark_conf=dict(args.spark_conf) or None)
 
 
 # ---------------------------------------------------------------- analyze
@@ -46,6 +78,7 @@ def _configure_analyze(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-limit", default=env_default("analysis_memory_limit", None),
                         help="DuckDB memory limit, e.g. 3GB; beyond it DuckDB spills to disk "
                              "[TWOFOLD_ANALYSIS_MEMORY_LIMIT, default 80%% of RAM]")
+    _add_engine_arguments(parser)
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
@@ -53,7 +86,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
     from analysis_worker.analyze import analyze
     from analysis_worker.config import ConfigError, load_experiment
     from analysis_worker.report import render_table
-    from analysis_worker.sql import build_query, transpile
+    from analysis_worker.sql import DialectError, build_query, transpile
 
     try:
         config = load_experiment(args.experiment)
@@ -61,13 +94,24 @@ def _run_analyze(args: argparse.Namespace) -> int:
         _err(str(exc))
         return 2
     if args.sql:
-        print(transpile(build_query(config), args.sql))
+        try:
+            print(transpile(build_query(config), args.sql))
+        except DialectError as exc:
+            _err(f"{config.name}: {exc}")
+            return 2
         return 0
     try:
-        result = analyze(config, args.lake, threads=args.threads, memory_limit=args.memory_limit)
+        engine = _engine(args)
+    except ValueError as exc:
+        _err(str(exc))
+        return 2
+    try:
+        result = analyze(config, args.lake, engine=engine)
     except Exception as exc:  # a bug, not bad input: still one line, and a non-zero exit
         _err(f"{config.name}: internal error ({type(exc).__name__}: {exc})")
         return 1
+    finally:
+        engine.close()
     try:
         json_path, html_path = result.write(args.out)
     except OSError as exc:
@@ -158,6 +202,7 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
                         help="results web UI port, 0 for any free port, -1 to turn it off [TWOFOLD_HTTP_PORT, "
                              f"default the gRPC port + {HTTP_PORT_OFFSET} ({DEFAULT_PORT + HTTP_PORT_OFFSET}), "
                              "or any free port when --port is 0]")
+    _add_engine_arguments(parser)
     add_server_arguments(parser, default_port=DEFAULT_PORT)
 
 
@@ -181,10 +226,15 @@ def _run_serve(args: argparse.Namespace) -> int:
         _err(f"--experiments {' '.join(missing)}: no such file or folder (experiment YAML files or folders "
              "of them; examples/experiments/ holds one)")
         return 2
+    try:
+        engine = _engine(args)
+    except ValueError as exc:
+        _err(str(exc))
+        return 2
 
     async def setup(settings: ServerSettings) -> ServiceSetup:
         worker = AnalysisWorker(args.experiments, args.lake, every_seconds=args.every, out_dir=args.out,
-                                threads=args.threads, memory_limit=args.memory_limit)
+                                engine=engine)
         web = None
         if args.http_port >= 0:
             try:

@@ -1,7 +1,8 @@
 """Read-only access to the lake (contract 3) through DuckDB, which reads the Parquet files in place.
 
-The tables are exposed to the metric SQL as views named `exposures` and `events`, so the query
-itself never mentions paths and reads the same on Spark or Trino. Only
+The tables are exposed to the metric SQL as views named `exposures` and `events` (plus the Hive
+partition column `date`), so the query itself never mentions paths and reads the same on Spark or
+Trino. Only
 `<root>/<table>/date=*/*.parquet` is read: the write-ahead log under `<root>/_wal/` and the
 temporary `.*.tmp` files of a compaction in progress are invisible by construction. The root is a
 folder or an object-store URL (`s3://bucket/prefix`); `twofold.lake_read` says how each is read.
@@ -21,8 +22,9 @@ from twofold.lakestore import LakeStoreError, open_store
 
 TABLE_COLUMNS: dict[str, str] = {
     "exposures": ("exposure_id VARCHAR, ts TIMESTAMPTZ, unit VARCHAR, flag VARCHAR, rule VARCHAR, variant VARCHAR, "
-                  "assignment_id VARCHAR, resolve_id VARCHAR, client VARCHAR"),
-    "events": "event_id VARCHAR, ts TIMESTAMPTZ, unit VARCHAR, name VARCHAR, value DOUBLE, properties VARCHAR",
+                  "assignment_id VARCHAR, resolve_id VARCHAR, client VARCHAR, date DATE"),
+    "events": ("event_id VARCHAR, ts TIMESTAMPTZ, unit VARCHAR, name VARCHAR, value DOUBLE, properties VARCHAR, "
+               "date DATE"),
 }
 
 
@@ -42,6 +44,14 @@ class LakeTables:
 def table_pattern(root: str | os.PathLike[str], table: str) -> str:
     """The glob of a table's Parquet files (Hive partitions by date)."""
     return os.path.join(os.fspath(root), table, "date=*", "*.parquet")
+
+
+def table_files(root: str | os.PathLike[str], table: str) -> list[str]:
+    """The table's Parquet files as every engine reads them (`twofold.lake_read.table_source`'s list):
+    under `date=*/`, none whose name starts with `.` or `_` (as Hadoop readers skip them)."""
+    store = open_store(root)
+    return [store.full_path(f.path) for f in store.list_files(f"{table}/")
+            if f.path.split("/")[1].startswith("date=") and not f.path.rsplit("/", 1)[-1].startswith("_")]
 
 
 def _sql_string(value: str) -> str:
@@ -91,13 +101,14 @@ def open_lake(root: str | os.PathLike[str], *, threads: int | None = None,
     files: dict[str, int] = {}
     for table, columns in TABLE_COLUMNS.items():
         try:
-            source = table_source(con, store, table)
+            source = table_source(con, store, table, hive_partitioning=True)
         except OSError as exc:  # an object store that refuses the listing (credentials, no bucket)
             raise LakeError(f"cannot list the lake {os.fspath(root)!r}: {exc}") from exc
         present[table] = source is not None
         files[table] = source.files if source else 0
         if source is not None:
             select_list = ", ".join(c.split()[0] for c in columns.split(", "))
+            # `date` is the Hive partition of the file: a predicate on it skips whole days unread.
             con.execute(f"CREATE VIEW {table} AS SELECT {select_list} FROM {source.sql}")
         else:
             casts = ", ".join(f"CAST(NULL AS {c.split()[1]}) AS {c.split()[0]}" for c in columns.split(", "))

@@ -6,12 +6,14 @@ column existed read as null). A unit's segment is its value at its *first* expos
 belongs to exactly one segment and segments partition the experiment.
 
 For each of the largest segments (`MAX_SEGMENTS` per dimension, by units) the experiment's own
-sufficient-statistics query runs again with `exposures` narrowed to the segment's units, and the
-variants are compared with `breakdowns.subset_effects` (the same estimators, nominal intervals).
-Reusing the one query keeps one definition of every metric; the price is one query per segment
-shown, paid only by experiments that name `dimensions`. Percentile caps are computed within the
-segment. These are descriptive: with S segments and M metrics, about alpha x S x M comparisons
-come out "significant" by chance, which the document says next to them.
+sufficient-statistics steps (`analyze.sufficient_statistics`) run again with `exposures` narrowed
+to the segment's units, and the variants are compared with `breakdowns.subset_effects` (the same
+estimators, nominal intervals). Reusing the one set of queries keeps one definition of every
+metric; the price is one run per segment shown, paid only by experiments that name `dimensions`.
+Percentile caps are computed within the segment. Segments run on the DuckDB engine (the default);
+on another engine the document says they were not computed. These are descriptive: with S
+segments and M metrics, about alpha x S x M comparisons come out "significant" by chance, which
+the document says next to them.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ import duckdb
 from analysis_worker.breakdowns import subset_effects, top_values
 from analysis_worker.config import ExperimentConfig
 from analysis_worker.inputs import StatsInput
-from analysis_worker.lake import table_pattern
 from analysis_worker.sql import MULTIPLE, UNKNOWN, quote, timestamp
+from twofold.lake_read import table_source
+from twofold.lakestore import open_store
 
 log = logging.getLogger("twofold.analysis.segments")
 
@@ -43,23 +46,33 @@ def _note(config: ExperimentConfig, shown: int) -> str:
             "whole experiment.")
 
 
-def segment_breakdowns(con: duckdb.DuckDBPyConnection, lake: str | Path, config: ExperimentConfig, query: str,
+def segment_breakdowns(session: Any, lake: str | Path, config: ExperimentConfig,
+                       statistics: Callable[[Any, ExperimentConfig], list[dict[str, Any]]],
                        to_input: Callable[[ExperimentConfig, list[dict[str, Any]]], StatsInput]
                        ) -> dict[str, Any]:
-    """The `segments` block of the results document (empty dimensions list when none are named)."""
+    """The `segments` block of the results document (empty dimensions list when none are named).
+
+    `session` is the analysis's open lake (a DuckDB session with a `connection`); `statistics`
+    runs the experiment's sufficient-statistics steps on it and returns the rows per variant and day.
+    """
     if not config.dimensions:
         return {"dimensions": []}
+    con = getattr(session, "connection", None)
+    if not isinstance(con, duckdb.DuckDBPyConnection):
+        return {"dimensions": [], "error": "segment breakdowns need the DuckDB engine (the default)"}
     flags = ", ".join(quote(f) for f in config.flag_names())
     where = [f"flag IN ({flags})", f"ts >= {timestamp(config.start)}"]
     if config.end is not None:
         where.append(f"ts < {timestamp(config.end)}")
     try:
         # union_by_name: older files without the column read as null instead of failing.
-        con.execute("CREATE OR REPLACE TEMP VIEW exposure_dimensions AS SELECT unit, flag, ts, dimensions FROM "
-                    f"read_parquet({quote(table_pattern(lake, 'exposures'))}, union_by_name = true, "
-                    "hive_partitioning = false)")
+        source = table_source(con, open_store(lake), "exposures", union_by_name=True)
+        if source is None:
+            return {"dimensions": []}
+        con.execute("CREATE OR REPLACE TEMP VIEW exposure_dimensions AS SELECT unit, flag, ts, dimensions "
+                    f"FROM {source.sql}")
         con.execute("SELECT dimensions FROM exposure_dimensions LIMIT 0")
-    except duckdb.Error:
+    except (duckdb.Error, OSError):
         return {"dimensions": [], "error": "no exposure in the lake records dimensions (the flag must declare "
                                            "them: `dimensions: [...]` in its YAML)"}
     con.execute("ALTER VIEW exposures RENAME TO exposures_all")
@@ -79,10 +92,7 @@ def segment_breakdowns(con: duckdb.DuckDBPyConnection, lake: str | Path, config:
             for value in shown:
                 con.execute("CREATE OR REPLACE TEMP VIEW exposures AS SELECT x.* FROM exposures_all AS x "
                             f"WHERE x.unit IN (SELECT unit FROM unit_segments WHERE segment = {quote(value)})")
-                cursor = con.execute(query)
-                names = [d[0] for d in cursor.description]
-                rows = [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
-                rows = [r for r in rows if r["variant"] not in (MULTIPLE, UNKNOWN)]
+                rows = [r for r in statistics(session, config) if r["variant"] not in (MULTIPLE, UNKNOWN)]
                 values.append({"value": value, **subset_effects(config, rows, to_input)})
             shown_total += len(values)
             total = sum(n for _, n in counts)

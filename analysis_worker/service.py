@@ -29,6 +29,7 @@ from prometheus_client import Counter, Gauge
 from analysis_worker.analyze import Analysis, analyze
 from analysis_worker.compute import compute_results
 from analysis_worker.config import ConfigError, ExperimentConfig, load_experiment
+from analysis_worker.engine import Engine, make_engine
 from analysis_worker.inputs import InputError, parse_input
 from analysis_worker.looks import LookLog
 from protos.twofold.analysis.v1 import analysis_pb2, analysis_pb2_grpc
@@ -81,13 +82,15 @@ class AnalysisWorker:
 
     def __init__(self, experiment_paths: Sequence[str | Path], lake: str | Path, *, every_seconds: float = 900.0,
                  out_dir: str | Path | None = None, threads: int | None = None,
-                 memory_limit: str | None = None) -> None:
+                 memory_limit: str | None = None, engine: Engine | None = None) -> None:
         self.paths = [Path(p) for p in experiment_paths]
         self.lake = lake  # a folder or an object-store URL (a Path would mangle s3://)
         self.every_seconds = every_seconds
         self.out_dir = Path(out_dir) if out_dir else None
         self.threads = threads
         self.memory_limit = memory_limit
+        # A Spark engine keeps its session across rounds (it takes tens of seconds to start).
+        self.engine = engine or make_engine("duckdb", threads=threads, memory_limit=memory_limit)
         self.experiments: dict[str, ExperimentState] = {}
         self._by_source: dict[str, str] = {}
         self.load_errors: dict[str, str] = {}
@@ -141,7 +144,7 @@ class AnalysisWorker:
         """Compute one experiment (blocking: call from a worker thread); never raises."""
         assert state.config is not None
         try:
-            result = analyze(state.config, self.lake, threads=self.threads, memory_limit=self.memory_limit)
+            result = analyze(state.config, self.lake, engine=self.engine)
         except Exception as exc:  # a bug must not stop the other experiments
             log.exception("analysis crashed", extra={"fields": {"experiment": state.name}})
             FAILURES.labels(state.name).inc()
@@ -223,6 +226,7 @@ class AnalysisWorker:
             except (asyncio.CancelledError, Exception):
                 pass
             self._task = None
+        await asyncio.to_thread(self.engine.close)
 
 
 class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):

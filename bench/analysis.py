@@ -2,6 +2,7 @@
 
     python -m bench.analysis                        # 10M exposures, 30M events (the issue's sizes)
     python -m bench.analysis --exposures 1000000 --events 3000000 --lake /tmp/lake-small
+    python -m bench.analysis --lake /tmp/lake-small --engine spark --skip-pandas   # DuckDB beside Spark
 
 Both paths compute the same sufficient statistics for the five metrics of
 tests/data/home-ranking-analysis.yaml (binary, capped mean with CUPED, ratio, two guardrails) and
@@ -173,23 +174,53 @@ def _peak_rss_mb(usage: resource.struct_rusage) -> float:
     return usage.ru_maxrss / 1024
 
 
+def _process_usage(pid: int) -> tuple[float, float]:
+    """CPU seconds and peak resident MB of another process of ours (Spark's JVM, which PySpark
+    starts and never waits for, so it never shows in RUSAGE_CHILDREN)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    peak = next((int(line.split()[1]) / 1024 for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                 if line.startswith("VmHWM:")), 0.0)
+    return cpu, peak
+
+
 def _child(path: str, lake: str, experiment: str, memory_limit: str | None) -> None:
     started = time.perf_counter()
+    startup = 0.0
     if path == "duckdb":
         from analysis_worker.analyze import analyze
 
         result = analyze(experiment, lake, memory_limit=memory_limit)
         document = result.document
         html_bytes = len(result.html)
+    elif path == "spark":
+        from analysis_worker.analyze import analyze
+        from analysis_worker.engine import make_engine
+
+        engine = make_engine("spark")
+        _ = engine.session  # type: ignore[attr-defined]
+        startup = time.perf_counter() - started
+        started = time.perf_counter()
+        result = analyze(experiment, lake, engine=engine)
+        document = result.document
+        html_bytes = len(result.html)
+        elapsed = time.perf_counter() - started
+        jvm = _process_usage(engine.session.sparkContext._gateway.proc.pid)  # type: ignore[attr-defined]
+        engine.close()
     else:
         document = pandas_analyze(lake, experiment)
         html_bytes = 0
-    elapsed = time.perf_counter() - started
+    if path != "spark":
+        elapsed = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)
     peak_mb = _peak_rss_mb(usage)
+    if path != "spark":
+        jvm = (0.0, 0.0)
     summary = {m["metric"]: [(v["variant"], v["n"], v["mean"]) for v in m["variants"]] for m in document["metrics"]}
     print(json.dumps({"path": path, "seconds": elapsed, "peak_mb": peak_mb, "error": document.get("error"),
-                      "cpu_seconds": usage.ru_utime + usage.ru_stime, "load": os.getloadavg()[0],
+                      "cpu_seconds": usage.ru_utime + usage.ru_stime + jvm[0],
+                      "startup_seconds": startup, "jvm_peak_mb": jvm[1],
+                      "load": os.getloadavg()[0],
                       "summary": summary, "recommendation": document["decision"]["recommendation"],
                       "html_bytes": html_bytes}))
 
@@ -223,10 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=30_000_000)
     parser.add_argument("--lake", help="lake folder (generated if it has no exposures yet; default: a temp folder)")
     parser.add_argument("--experiment", default=str(DEFAULT_EXPERIMENT))
-    parser.add_argument("--skip-pandas", action="store_true", help="only the DuckDB path")
+    parser.add_argument("--skip-pandas", action="store_true", help="only the DuckDB path (and Spark's, with --engine)")
+    parser.add_argument("--engine", choices=["duckdb", "spark"], default="duckdb",
+                        help="spark: also run the analysis on Spark (local[*], pip install 'twofold[spark]') "
+                             "beside DuckDB in the same run")
     parser.add_argument("--memory-limit", default="2.5GB",
                         help="DuckDB memory limit (it spills beyond it); 'none' for DuckDB's default of 80%% of RAM")
-    parser.add_argument("--child", choices=["duckdb", "pandas"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["duckdb", "pandas", "spark"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         _child(args.child, args.lake, args.experiment, args.memory_limit)
@@ -255,6 +289,14 @@ def main(argv: list[str] | None = None) -> int:
               f"recommendation {duck['recommendation']}; machine load {duck['load']:.1f}")
         if duck["error"]:
             print(f"  error: {duck['error']}")
+        if args.engine == "spark":
+            spark = _run_child("spark", lake, args.experiment, None)
+            print(f"spark:  {spark['seconds']:.2f} s analysis (+ {spark['startup_seconds']:.1f} s to start the "
+                  f"session; {spark['process_seconds']:.2f} s with interpreter start, {spark['cpu_seconds']:.1f} s "
+                  f"CPU), peak RSS {spark['peak_mb']:.0f} MB Python + {spark['jvm_peak_mb']:.0f} MB JVM, "
+                  f"recommendation {spark['recommendation']}; machine load {spark['load']:.1f}")
+            print(f"spark / duckdb: {spark['seconds'] / duck['seconds']:.1f}x the analysis time; largest relative "
+                  f"difference of the means: {_agreement(duck, spark):.2e}")
         if args.skip_pandas:
             return 0
         pdres = _run_child("pandas", lake, args.experiment, None)

@@ -2,8 +2,8 @@
 # Validate the Kubernetes deployment offline (no cluster, no Docker engine needed):
 #   1. kubectl kustomize renders every overlay in k8s/overlays/;
 #   2. kubernetes-validate --strict accepts every built-in kind, against the oldest and the
-#      newest Kubernetes we support (only the Prometheus Operator's CRDs are exempt, and
-#      their content is checked by promtool and the tests);
+#      newest Kubernetes we support (only the Prometheus and Spark operators' CRDs are exempt,
+#      and their content is checked by promtool and the tests);
 #   3. promtool check rules + promtool test rules (k8s/tests/alerts.test.yaml) on the
 #      PrometheusRule of every overlay;
 #   4. checkov on the rendered overlays and the Dockerfile (skips and reasons: k8s/checkov.yaml),
@@ -69,9 +69,11 @@ for name in "${OVERLAYS[@]}"; do
         log="$OUT/$name.validate-$version.log"
         "$VENV/bin/kubernetes-validate" --strict --quiet -k "$version" "$rendered" 2>&1 | tee "$log"
         # kubernetes-validate only warns (exit 0) for a kind it has no schema for. Only the
-        # Prometheus Operator's kinds may be unknown: a built-in kind with a typo in its
-        # apiVersion must fail here, not pass unvalidated.
-        if grep "Couldn't find schema" "$log" | grep -v "api version monitoring.coreos.com/v1 " ; then
+        # Prometheus Operator's and the Spark operator's kinds may be unknown (their content is
+        # checked by promtool and the tests): a built-in kind with a typo in its apiVersion
+        # must fail here, not pass unvalidated.
+        if grep "Couldn't find schema" "$log" \
+                | grep -v -E "api version (monitoring.coreos.com/v1|sparkoperator.k8s.io/v1beta2) " ; then
             echo "kubernetes-validate: a kind above has no schema (typo in kind or apiVersion?)" >&2
             exit 1
         fi

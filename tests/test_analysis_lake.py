@@ -19,7 +19,7 @@ from analysis_worker.compute import compute_results
 from analysis_worker.config import ConfigError, load_experiment, parse_experiment
 from analysis_worker.inputs import parse_input
 from analysis_worker.lake import open_lake
-from analysis_worker.sql import MULTIPLE, UNKNOWN, build_query, stat_columns, transpile
+from analysis_worker.sql import MULTIPLE, UNKNOWN, build_query, ranked_percentiles, stat_columns, transpile
 from analysis_worker.synthetic import write_synthetic_lake
 from bench.analysis import pandas_statistics
 from twofold.lake import LakeWriter
@@ -235,10 +235,38 @@ def test_generated_sql_parses_in_other_dialects(dialect: str) -> None:
     assert "read_parquet" not in text.lower()
     # Neither Trino's ARBITRARY nor BigQuery's ANY_VALUE takes IGNORE NULLS (sqlglot would add it).
     assert "IGNORE NULLS" not in text
+    # Partitions are pruned by `date`; no timestamp is cast to a date in the session's time zone.
+    quoted_date = '"date"' if dialect == "trino" else "`date`"
+    assert f"{quoted_date} >= CAST('2026-10-31' AS DATE)" in text
+    assert "CAST(u.first_ts AS DATE)" not in text and "UNIX" in text
+    assert "APPROX" not in text.upper()
     if dialect == "spark":
-        assert "PERCENTILE_APPROX" in text and "INTERVAL" in text
+        assert "PERCENTILE(m1, 0.99)" in text and "UNIX_MICROS(u.first_ts)" in text
+        # Spark adds an interval's days in the session time zone: windows are integer microseconds.
+        assert "INTERVAL" not in text
+    if dialect == "bigquery":
+        # An analytic function there: one value repeated on every row, of which the caps keep one.
+        assert "PERCENTILE_CONT(m1, 0.99) OVER ()" in text and "LIMIT 1" in text
+        assert "UNIX_MICROS(u.first_ts)" in text
     if dialect == "trino":
-        assert "ARBITRARY(unit)" in text
+        # No exact percentile function there: the caps come from ranks (checked on DuckDB below).
+        assert "ARBITRARY(unit)" in text and "PERCENTILE" not in text
+        assert "ROW_NUMBER() OVER (ORDER BY m1)" in text and "ROW_NUMBER() OVER (ORDER BY c1)" in text
+
+
+@pytest.mark.parametrize("size, level", [(1, 0.99), (2, 0.5), (7, 0.5), (101, 0.99), (1000, 0.995), (50, 1.0)])
+def test_trinos_ranked_percentile_is_numpys(size: int, level: float) -> None:
+    import duckdb
+
+    values = np.random.default_rng(size).lognormal(3.0, 1.0, size=size).round(2)  # ties too
+    con = duckdb.connect()
+    con.execute("CREATE TABLE per_unit (variant VARCHAR, m1 DOUBLE)")
+    con.executemany("INSERT INTO per_unit VALUES (?, ?)", [("control", float(v)) for v in values] +
+                    [(MULTIPLE, 1e9)])
+    select = sqlglot.parse_one(f"SELECT QUANTILE_CONT(m1, {level}) AS cap_m1 FROM per_unit "
+                               f"WHERE NOT variant IN ('{MULTIPLE}')", read="duckdb")
+    (ranked,) = con.execute(ranked_percentiles(select).sql("duckdb")).fetchone()
+    assert ranked == pytest.approx(float(np.quantile(values, level)), rel=1e-12)
 
 
 def test_transpiled_duckdb_sql_gives_the_same_rows(synthetic_lake: Path) -> None:
@@ -361,7 +389,11 @@ def test_cli_analyze_errors_are_one_line_not_a_traceback(tmp_path: Path) -> None
     out = _twofold("analyze", str(EXAMPLE), "--lake", str(tmp_path / "missing"), "--out", str(tmp_path))
     assert out.returncode == 1 and "does not exist" in out.stderr and "Traceback" not in out.stderr
     out = _twofold("analyze", str(EXAMPLE), "--sql", "spark")
-    assert out.returncode == 0 and "PERCENTILE_APPROX" in out.stdout
+    assert out.returncode == 0 and "PERCENTILE(m1, 0.99)" in out.stdout and "APPROX" not in out.stdout
+    out = _twofold("analyze", str(EXAMPLE), "--sql", "trino")
+    assert out.returncode == 0 and "ROW_NUMBER() OVER (ORDER BY m1)" in out.stdout
+    out = _twofold("analyze", str(EXAMPLE), "--threads", "2", "--engine", "spark")
+    assert out.returncode == 2 and "--spark-conf" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_cli_stats_prints_the_results_document() -> None:

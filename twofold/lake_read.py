@@ -35,8 +35,8 @@ def table_source(con: Any, root: str | os.PathLike[str] | LakeStore, table: str,
                  hive_partitioning: bool = False, union_by_name: bool = False) -> TableSource | None:
     """Register what DuckDB needs to read `table` on `con`; None when the table has no file yet.
 
-    `hive_partitioning` adds the `date` partition column and `union_by_name` reads files whose
-    columns differ (both for local lakes only: an object-store table is read with the contract's
+    `hive_partitioning` adds the `date` partition column (DATE) and `union_by_name` reads files
+    whose columns differ (local lakes only: an object-store table is read with the contract's
     schema, which every reader here uses, missing columns as nulls).
     """
     import pyarrow.dataset as pads
@@ -45,17 +45,35 @@ def table_source(con: Any, root: str | os.PathLike[str] | LakeStore, table: str,
 
     store = root if not isinstance(root, str | os.PathLike) else open_store(root)
     files = store.list_files(f"{table}/")
-    files = [f for f in files if f.path.split("/")[1].startswith("date=")]
+    # Names starting with `_` are skipped as Hadoop readers (Spark, Hive, Trino) skip them, so that
+    # every engine reads the same files (hidden `.` names are never listed).
+    files = [f for f in files if f.path.split("/")[1].startswith("date=")
+             and not f.path.rsplit("/", 1)[-1].startswith("_")]
     if not files:
         return None
-    if store.local:
+    if store.local and not hive_partitioning:
         pattern = os.path.join(store.full_path(table), "date=*", "*.parquet")
-        options = f"hive_partitioning = {str(hive_partitioning).lower()}"
+        options = "hive_partitioning = false"
         if union_by_name:
             options += ", union_by_name = true"
         return TableSource(f"read_parquet({_sql_string(pattern)}, {options})", len(files))
-    dataset = pads.dataset([store.full_path(f.path) for f in files], schema=TABLE_SCHEMAS[table],
-                           format="parquet", filesystem=store.filesystem)
+    if store.local:
+        # The listed files themselves (DuckDB's glob would also read `.` and `_` names).
+        listed = ", ".join(_sql_string(store.full_path(f.path)) for f in files)
+        options = "hive_partitioning = true, hive_types = {'date': DATE}"
+        if union_by_name:
+            options += ", union_by_name = true"
+        return TableSource(f"read_parquet([{listed}], {options})", len(files))
+    schema = TABLE_SCHEMAS[table]
+    partitioning = None
+    if hive_partitioning:
+        import pyarrow as pa
+
+        schema = schema.append(pa.field("date", pa.date32()))
+        partitioning = pads.partitioning(pa.schema([("date", pa.date32())]), flavor="hive")
+    dataset = pads.dataset([store.full_path(f.path) for f in files], schema=schema, format="parquet",
+                           filesystem=store.filesystem, partitioning=partitioning,
+                           partition_base_dir=store.full_path(table) if hive_partitioning else None)
     name = f"__lake_{table}"
     con.register(name, dataset)
     return TableSource(name, len(files))
