@@ -66,7 +66,9 @@ def segment_breakdowns(session: Any, lake: str | Path, config: ExperimentConfig,
         where.append(f"ts < {timestamp(config.end)}")
     try:
         # union_by_name: older files without the column read as null instead of failing.
-        source = table_source(con, open_store(lake), "exposures", union_by_name=True)
+        # The same source as the lake's `exposures` view (on an object store it re-registers the very
+        # dataset that view reads, so the two must agree, partition column included).
+        source = table_source(con, open_store(lake), "exposures", hive_partitioning=True, union_by_name=True)
         if source is None:
             return {"dimensions": []}
         con.execute("CREATE OR REPLACE TEMP VIEW exposure_dimensions AS SELECT unit, flag, ts, dimensions "
