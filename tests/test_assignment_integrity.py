@@ -10,6 +10,7 @@ real resolver on many units against everything served before.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -402,6 +403,13 @@ def _assert_kept(before: dict[str, dict[str, str]], after: dict[str, dict[str, s
     assert not (before["flags/b"].keys() & after["flags/a"].keys()), "a unit of b entered a"
 
 
+def _replace_file(path: Path, text: str) -> None:
+    """Swap a flag file in one step, as a ConfigMap update does: a reload never reads half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def test_server_hot_reload_and_restart_never_move_running_units(
         bg_loop: BackgroundLoop, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     flags = _folder(tmp_path, ISSUE_CASE)  # no allocations.lock.json: nobody ran `twofold flags lock`
@@ -412,7 +420,7 @@ def test_server_hot_reload_and_restart_never_move_running_units(
         assert 200 < len(first["flags/a"]) < 400 and 350 < len(first["flags/b"]) < 550
         # The issue's case: ramping a from 20% to 40% without a lock moved 66% of b's units.
         generation = h.servicer.source.current.generation  # type: ignore[attr-defined]
-        path.write_text(ISSUE_CASE.replace("allocation: 20%", "allocation: 40%"))
+        _replace_file(path, ISSUE_CASE.replace("allocation: 20%", "allocation: 40%"))
         _wait_for(lambda: h.servicer.source.current.generation != generation, "the ramp was not served")  # type: ignore[attr-defined]
         second = _served(h)
         assert len(second["flags/a"]) > 1.6 * len(first["flags/a"])
@@ -421,9 +429,9 @@ def test_server_hot_reload_and_restart_never_move_running_units(
         # New weights for b would switch units between its arms: refused, counted, logged; b keeps serving.
         failures = h.metric("twofold_assignment_reload_failures_total")
         generation = h.servicer.source.current.generation  # type: ignore[attr-defined]
-        path.write_text(ISSUE_CASE.replace("allocation: 20%", "allocation: 40%")
-                        .replace("allocation: 30%, namespace: home, arms: {x: 1, y: 1}",
-                                 "allocation: 30%, namespace: home, arms: {x: 1, y: 2}"))
+        _replace_file(path, ISSUE_CASE.replace("allocation: 20%", "allocation: 40%")
+                      .replace("allocation: 30%, namespace: home, arms: {x: 1, y: 1}",
+                               "allocation: 30%, namespace: home, arms: {x: 1, y: 2}"))
         _wait_for(lambda: h.metric("twofold_assignment_reload_failures_total") != failures, "not refused")
         assert h.servicer.source.current.generation == generation  # type: ignore[attr-defined]
         refusals = [str(r.__dict__.get("fields", {}).get("problems")) for r in caplog.records
