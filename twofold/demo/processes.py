@@ -9,6 +9,7 @@ server does not exit in time. The demo and the end-to-end tests share this code.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -16,13 +17,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, TypeVar
 
 # Not resolve(): the project root as imported (a symlinked checkout stays itself).
 ROOT = Path(__file__).absolute().parents[2]
+
+T = TypeVar("T")
 
 
 class ServerStartError(RuntimeError):
@@ -170,6 +173,8 @@ class InterruptGuard:
         self._previous: dict[int, object] = {}
         self._say = say or say_on_stderr
         self.stopping = False
+        self._task: asyncio.Task[Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __enter__(self) -> InterruptGuard:
         def handler(signum: int, frame: object) -> None:
@@ -179,6 +184,11 @@ class InterruptGuard:
                 return
             self.stopping = True
             self._say(f"\n{name}: stopping... (the servers the demo started, then its temporary files)")
+            task, loop = self._task, self._loop
+            if task is not None and loop is not None and not task.done():
+                task.cancel()  # run_async turns it into KeyboardInterrupt once the coroutine unwound
+                loop.call_soon_threadsafe(lambda: None)  # wake the loop if it sleeps in select()
+                return
             raise KeyboardInterrupt(name)
 
         for signum in self.SIGNALS:
@@ -188,6 +198,30 @@ class InterruptGuard:
     def __exit__(self, *exc: object) -> None:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)  # type: ignore[arg-type]
+
+    def run_async(self, coro: Coroutine[Any, Any, T]) -> T:
+        """`asyncio.run(coro)`, where a stop signal cancels the coroutine instead of raising in the loop.
+
+        Why: a KeyboardInterrupt raised by the signal handler lands wherever the loop happens to
+        be, gRPC's aio callbacks included, and could leave the client's channels unable to finish
+        its final flush: the demo then hung instead of stopping (seen once in CI). Cancelling the
+        task unwinds the coroutine through its `async with` and `finally` blocks in order (the SDK
+        client flushes and closes), and the interrupt is raised here afterwards, outside the loop.
+        """
+
+        async def main() -> T:
+            self._task, self._loop = asyncio.current_task(), asyncio.get_running_loop()
+            try:
+                return await coro
+            finally:
+                self._task = self._loop = None
+
+        try:
+            return asyncio.run(main())
+        except asyncio.CancelledError:
+            if self.stopping:
+                raise KeyboardInterrupt("stopping") from None
+            raise
 
 
 def say_on_stderr(message: str) -> None:

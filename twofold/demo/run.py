@@ -17,7 +17,6 @@ Every process the demo starts is stopped at the end, on errors and on Ctrl-C too
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import concurrent.futures
 import datetime as dt
@@ -274,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
     with guard:  # also around the cleanup: a second Ctrl-C must not leave servers behind
         interrupted = False
         try:
-            return _run(args, folder, paths, group, progress, started, temp=bool(temp))
+            return _run(args, folder, paths, group, progress, started, temp=bool(temp), guard=guard)
         except KeyboardInterrupt:
             interrupted = True
             return 130
@@ -289,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, folder: Path, paths: dict[str, Path], group: ServerGroup,
-         progress: bool, started: float, *, temp: bool) -> int:
+         progress: bool, started: float, *, temp: bool, guard: InterruptGuard) -> int:
     _say(f"Twofold demo in {folder}")
     with Step(f"training the XGBoost ranker and the LinUCB bandit on {args.train_rows} logged visits"):
         trained: TrainedSystems = train_systems(paths["repository"], rows=args.train_rows, seed=args.seed)
@@ -315,7 +314,7 @@ def _run(args: argparse.Namespace, folder: Path, paths: dict[str, Path], group: 
     with Step(f"simulating {args.users} users through the SDK "
               f"({'local' if args.local_evaluation else 'remote'} evaluation, {args.concurrency} in flight)"):
         sim_started = time.monotonic()
-        visits, events, counters = asyncio.run(_simulate(servers, users, args, progress))
+        visits, events, counters = guard.run_async(_simulate(servers, users, args, progress))
         rate = len(visits) / max(1e-9, time.monotonic() - sim_started)
         _say(f"    {len(visits)} decisions ({rate:.0f}/s), {events} events; "
              + ", ".join(f"{k} {v}" for k, v in counters.items()))
