@@ -18,6 +18,7 @@ from google.protobuf import timestamp_pb2
 from assignment_server.authoring.compiler import DEFAULT_CLIENT_SECRET
 from protos.twofold.assignment.v1 import assignment_pb2 as pb
 from protos.twofold.assignment.v1 import assignment_pb2_grpc as pb_grpc
+from tests.ready import wait_ready
 from twofold.lake import iter_ids, read_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,13 +33,7 @@ def _start(tmp: Path, name: str) -> tuple[subprocess.Popen, int]:
          "--materializations", str(tmp / "m.sqlite"), "--port", "0", "--metrics-port", "-1",
          "--host", "127.0.0.1", "--ready-file", str(ready), "--log-format", "text", "--log-level", "warning"],
         cwd=ROOT, env={**os.environ, "TWOFOLD_TOKEN_KEY": KEY}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while not ready.exists():
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise AssertionError(f"server did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
-        time.sleep(0.05)
-    return proc, json.loads(ready.read_text())["port"]
+    return proc, wait_ready(proc, ready)["port"]
 
 
 def _variants(port: int, units: list[str]) -> list[str]:

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -23,6 +21,7 @@ from analysis_worker.synthetic import write_synthetic_lake
 from assignment_server.authoring.compiler import DEFAULT_CLIENT_SECRET
 from protos.twofold.assignment.v1 import assignment_pb2 as pb
 from protos.twofold.assignment.v1 import assignment_pb2_grpc as pb_grpc
+from tests.ready import wait_ready
 from tests.s3_server import S3Server
 from twofold.lake import LakeWriter, iter_ids, read_table
 from twofold.lakestore import LakeStoreError, open_store
@@ -88,13 +87,7 @@ def _start(tmp: Path, lake: str, name: str) -> tuple[subprocess.Popen, int]:
          "--log-format", "text", "--log-level", "warning"],
         cwd=ROOT, env={**os.environ, "TWOFOLD_TOKEN_KEY": base64.b64encode(b"k" * 32).decode()},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while not ready.exists():
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise AssertionError(f"server did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
-        time.sleep(0.05)
-    return proc, json.loads(ready.read_text())["port"]
+    return proc, wait_ready(proc, ready)["port"]
 
 
 def test_a_sigkilled_server_on_s3_loses_nothing_and_knows_its_resends(s3_env: S3Server, tmp_path: Path) -> None:

@@ -108,23 +108,6 @@ def test_metrics_count_calls_by_code(bg_loop: BackgroundLoop) -> None:
         bg_loop.run(running.stop(0))
 
 
-def test_concurrency_limit_answers_resource_exhausted(bg_loop: BackgroundLoop) -> None:
-    running = _start(bg_loop, max_concurrent_rpcs=2)
-    try:
-        with grpc.insecure_channel(running.target) as channel:
-            stub = echo_pb2_grpc.EchoServiceStub(channel)
-            slow = [stub.Echo.future(echo_pb2.EchoRequest(payload=b"s", delay_seconds=1.5)) for _ in range(2)]
-            time.sleep(0.3)
-            with pytest.raises(grpc.RpcError) as err:
-                stub.Echo(echo_pb2.EchoRequest(payload=b"x"), timeout=5)
-            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert [f.result(timeout=10).payload for f in slow] == [b"s", b"s"]
-            # Capacity frees up once the slow calls finish.
-            assert stub.Echo(echo_pb2.EchoRequest(payload=b"y"), timeout=5).payload == b"y"
-    finally:
-        bg_loop.run(running.stop(0))
-
-
 def test_message_size_limit(bg_loop: BackgroundLoop) -> None:
     running = _start(bg_loop, max_message_bytes=1024)
     try:

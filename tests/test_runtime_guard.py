@@ -67,6 +67,8 @@ def test_health_and_reflection_answer_while_the_limit_is_reached(bg_loop: Backgr
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
             assert echo.SERVICE_NAME in _list_services(channel)
             assert [f.result(timeout=10).payload for f in slow] == [b"s", b"s"]
+            # Capacity frees up once the slow calls finish.
+            assert stub.Echo(echo_pb2.EchoRequest(payload=b"y"), timeout=5).payload == b"y"
     finally:
         bg_loop.run(running.stop(0))
 
